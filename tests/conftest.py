@@ -1,0 +1,78 @@
+"""Shared test helpers: the golden fixtures in ``../shared/fixtures`` and checkpoints rebuilt from them."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from lic_checkpoints.convert import synth
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LIC_SHARED_DIR", REPO_ROOT.parent / "shared"))
+FIXTURES_DIR = SHARED / "fixtures"
+TARGETS_DIR = SHARED / "targets"
+FIXTURE_NAMES = ("tcm_n64", "tcm_n128", "tcm_auxt_n64", "dcae", "saaf")
+
+
+def fixture_dir(name: str) -> Path:
+    path = FIXTURES_DIR / name
+    if not path.is_dir():
+        pytest.fail(f"golden fixture {path} is missing: the tests need ../shared/fixtures beside the repo")
+    return path
+
+
+@lru_cache(maxsize=None)
+def fixture_manifest(name: str):
+    return synth.load_manifest_dir(fixture_dir(name))
+
+
+@lru_cache(maxsize=2)
+def _upstream_state_dict_cached(name: str):
+    manifest, constants = fixture_manifest(name)
+    return synth.state_dict_from_manifest(manifest, constants)
+
+
+def upstream_state_dict(name: str):
+    """A fresh dict (tensors shared with a small cache) of the rebuilt upstream state dict."""
+    return dict(_upstream_state_dict_cached(name))
+
+
+def upstream_checkpoint(name: str, **harness):
+    """The upstream training-script checkpoint, with optional harness overrides (prefix, legacy names)."""
+    manifest, _ = fixture_manifest(name)
+    h = dict(manifest.get("harness", {}))
+    return synth.checkpoint_container(
+        _upstream_state_dict_cached(name),
+        manifest["checkpoint_container"]["top_level_keys"],
+        key_prefix=harness.get("key_prefix", h.get("key_prefix", "")),
+        legacy_entropy_bottleneck=harness.get(
+            "legacy_entropy_bottleneck", bool(h.get("rename_entropy_bottleneck_to_legacy", False))
+        ),
+    )
+
+
+def fixture_input(name: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(fixture_dir(name) / "input.safetensors"))["x"]
+
+
+def fixture_expected(name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(fixture_dir(name) / "expected.safetensors"))
+
+
+def fixture_expected_json(name: str) -> dict:
+    import json
+
+    return json.loads((fixture_dir(name) / "expected.json").read_text())
+
+
+@pytest.fixture(params=FIXTURE_NAMES)
+def fixture_name(request):
+    return request.param
