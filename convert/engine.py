@@ -1,0 +1,402 @@
+"""The rule engine: plan a conversion, check its coverage, then produce tensors one at a time.
+
+``plan`` matches every source key against the mapping's rules (first match wins), computes each
+target's shape and dtype on meta tensors, and compares the result with the expected layout:
+
+- every source key is consumed exactly once, or dropped by a named rule (else UNEXPECTED);
+- every layout key is produced exactly once (else MISSING, or a collision between rules);
+- every produced tensor has the layout's shape and dtype (else MISMATCH).
+
+``tensor`` then materialises one target tensor from the source: a pure rename returns the source
+tensor itself (no copy), ops produce new tensors, fan-out copies are cloned only when asked.
+
+The same mapping runs backwards: ``inverse_rules`` derives the CompressAI -> upstream rules (each op
+replaced by its inverse, fan-out by a fan-in that checks the copies are equal, drops of derived
+buffers by their ``restore`` generator, synthesized tensors by drops that check their value).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from . import expr
+from .detect import Detection
+from .errors import ConversionError
+from .layouts import Layout
+from .ops import Generator, Op, OpError
+from .patterns import KeyPattern
+from .rules import Rule
+
+FORWARD, INVERSE = "forward", "inverse"
+
+
+@dataclass(frozen=True)
+class Step:
+    """How one target tensor is made: from its source key(s) or a generator, through each stage's ops."""
+
+    target: str
+    rules: tuple[Rule, ...]
+    sources: tuple[str, ...]
+    transforms: tuple[tuple[tuple[Op, ...], Mapping[str, Any]], ...] = ()
+    generator: Generator | None = None
+    generator_env: Mapping[str, Any] = field(default_factory=dict)
+    fan_out: bool = False
+    fan_in: bool = False
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def rule(self) -> Rule:
+        return self.rules[-1]
+
+    @property
+    def action(self) -> str:
+        if self.generator is not None:
+            return "synthesize"
+        if self.fan_in:
+            return "fan_in"
+        if any(ops for ops, _ in self.transforms):
+            return "transform"
+        if self.fan_out:
+            return "fan_out"
+        return "rename"
+
+    @property
+    def shares_source_storage(self) -> bool:
+        return self.action == "rename"
+
+    def describe_ops(self) -> str:
+        return ", ".join(op.describe() for ops, _ in self.transforms for op in ops)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    key: str
+    expected: str
+    got: str
+
+
+@dataclass
+class Plan:
+    direction: str
+    detection: Detection
+    layout: Layout | None
+    steps: list[Step]
+    dropped: list[tuple[str, Rule]] = field(default_factory=list)
+    checked_drops: list = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[Mismatch] = field(default_factory=list)
+    collisions: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    dtype_notes: list[str] = field(default_factory=list)
+    unrestorable: list[tuple[str, Rule]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unexpected or self.missing or self.mismatched or self.collisions)
+
+    def by_target(self) -> dict[str, Step]:
+        return {s.target: s for s in self.steps}
+
+    def problems(self) -> str:
+        parts = []
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected source key(s), e.g. {self.unexpected[0]!r}")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing target key(s), e.g. {self.missing[0]!r}")
+        if self.mismatched:
+            m = self.mismatched[0]
+            parts.append(f"{len(self.mismatched)} mismatch(es), e.g. {m.key!r}: expected {m.expected}, got {m.got}")
+        if self.collisions:
+            key, rules = self.collisions[0]
+            parts.append(f"{len(self.collisions)} target key(s) written twice, e.g. {key!r} by {', '.join(rules)}")
+        return "; ".join(parts)
+
+
+# --- inverse rules -------------------------------------------------------------------------------
+
+
+def _typed(template: KeyPattern, types: Mapping[str, str]) -> KeyPattern:
+    """A target template as a pattern, giving each capture the type it had in the source pattern."""
+
+    def annotate(m: re.Match) -> str:
+        name = m.group(1)
+        kind = types.get(name, "path")
+        return "{" + name + ("" if kind == "path" else f":{kind}") + "}"
+
+    return KeyPattern(re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[A-Za-z]+)?\}", annotate, template.text))
+
+
+def inverse_rules(rules: Iterable[Rule]) -> list[Rule]:
+    """The CompressAI -> upstream rules of one stage, derived from its upstream -> CompressAI rules."""
+    out: list[Rule] = []
+    for r in rules:
+        if r.kind == "map":
+            src = r.source
+            types = dict(zip(src.names, src.types))
+            types.update({name: "int" for name, _ in r.fan_out})
+            pattern = _typed(r.target, types)
+            ops = tuple(op.inverse() for op in reversed(r.ops))
+            kind = "fan_in" if r.fan_out else "map"
+            out.append(Rule(r.name, kind, r.line, sources=(pattern,), target=src, ops=ops, fan_out=r.fan_out))
+        elif r.kind == "drop":
+            if r.restore_value is not None:
+                out.append(Rule(r.name, "synthesize", r.line, target=r.source, for_each=r.restore_for_each,
+                                value=r.restore_value, reason=f"restored: {r.reason}"))
+            else:
+                out.append(Rule(r.name, "unrestorable", r.line, sources=(r.source,), reason=r.reason))
+        elif r.kind == "synthesize":
+            types = dict(zip(r.for_each.names, r.for_each.types))
+            out.append(Rule(r.name, "drop", r.line, sources=(_typed(r.target, types),),
+                            reason=f"synthesized by the forward mapping ({r.reason})",
+                            for_each=r.for_each, value=r.value))
+    return out
+
+
+def stages_for(detection: Detection, direction: str) -> list[tuple[str, list[Rule]]]:
+    stages = [(s.name, list(s.rules)) for s in detection.mapping.stages]
+    if direction == INVERSE:
+        stages = [(name, inverse_rules(rules)) for name, rules in reversed(stages)]
+    return stages
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def _apply_ops(ops: tuple[Op, ...], tensor: torch.Tensor, env: Mapping[str, Any]) -> torch.Tensor:
+    for op in ops:
+        tensor = op.apply(tensor, env)
+    return tensor
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A key on its way through the stages, with how its value will be made and a meta tensor for shape."""
+
+    key: str
+    step: Step
+    meta: torch.Tensor
+
+
+def plan(
+    source: Mapping[str, torch.Tensor],
+    detection: Detection,
+    layout: Layout | None,
+    *,
+    direction: str = FORWARD,
+) -> Plan:
+    """Run every source key through the mapping's stages and check the result against ``layout``."""
+    variables = dict(detection.variables)
+    result = Plan(direction, detection, layout, steps=[])
+    entries = [
+        _Entry(key, Step(key, (), (key,), shape=tuple(t.shape), dtype=t.dtype), _meta(t)) for key, t in source.items()
+    ]
+    complete_stage = detection.mapping.stages[-1].name
+    for stage_name, rules in stages_for(detection, direction):
+        entries = _run_stage(entries, rules, variables, result, complete=stage_name == complete_stage)
+
+    produced: dict[str, list[_Entry]] = {}
+    for e in entries:
+        produced.setdefault(e.key, []).append(e)
+    for target, found in produced.items():
+        if len(found) > 1:
+            result.collisions.append((target, tuple(dict.fromkeys(r.name for e in found for r in e.step.rules[-1:]))))
+    steps = {
+        t: replace(found[0].step, target=t, shape=tuple(found[0].meta.shape), dtype=found[0].meta.dtype)
+        for t, found in produced.items()
+    }
+    if layout is None:
+        result.steps = list(steps.values())
+        return result
+
+    ordered = []
+    for entry in layout.entries:
+        step = steps.pop(entry.key, None)
+        if step is None:
+            result.missing.append(entry.key)
+            continue
+        ordered.append(step)
+        if entry.shape is not None and tuple(step.shape) != entry.shape:
+            result.mismatched.append(Mismatch(entry.key, f"shape {list(entry.shape)}", f"{list(step.shape)} (from {_origin(step)})"))
+        expected_dtype = getattr(torch, entry.dtype)
+        if step.dtype != expected_dtype:
+            if step.dtype.is_floating_point and expected_dtype.is_floating_point and step.generator is None:
+                result.dtype_notes.append(entry.key)
+            else:
+                result.mismatched.append(Mismatch(entry.key, f"dtype {entry.dtype}", f"{str(step.dtype).replace('torch.', '')} (from {_origin(step)})"))
+    for target, step in steps.items():
+        result.unexpected.append(f"{target} (from {_origin(step)})")
+        ordered.append(step)
+    result.steps = ordered
+    return result
+
+
+def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan, *, complete: bool) -> list[_Entry]:
+    """One pass of a stage's rules over every key.
+
+    In a ``complete`` stage (the last one of the forward mapping) every key must be taken by a rule;
+    in the others, keys no rule matches pass through unchanged.
+    """
+    out: list[_Entry] = []
+    fan_in: dict[tuple[str, str], list[_Entry]] = {}
+    checked: list[tuple[_Entry, Rule, dict]] = []
+    for e in entries:
+        rule, captures = _first_match(rules, e.key)
+        if rule is None:
+            if complete:
+                result.unexpected.append(e.key if e.key == _origin(e.step) else f"{e.key} (from {_origin(e.step)})")
+            else:
+                out.append(e)
+            continue
+        if rule.kind == "drop" and rule.value is not None:
+            checked.append((e, rule, captures))
+            continue
+        if rule.kind in ("drop", "unrestorable"):
+            result.dropped.append((e.key, rule))
+            continue
+        env = {**variables, **captures}
+        rules_so_far = e.step.rules + (rule,)
+        if rule.kind == "fan_in":
+            fan_names = {name for name, _ in rule.fan_out}
+            target = rule.target.format({k: v for k, v in captures.items() if k not in fan_names})
+            fan_in.setdefault((target, rule.name), []).append(e)
+            continue
+        if rule.fan_out:
+            (name, count_expr), = rule.fan_out
+            try:
+                count = int(expr.evaluate(count_expr, env))
+            except expr.ExprError as exc:
+                result.mismatched.append(Mismatch(e.key, f"fan_out count {count_expr}", str(exc)))
+                continue
+            for j in range(count):
+                target = rule.target.format({**captures, name: j})
+                out.append(_Entry(target, replace(e.step, rules=rules_so_far, fan_out=True), e.meta))
+            continue
+        try:
+            meta = _apply_ops(rule.ops, e.meta, env)
+        except (OpError, expr.ExprError) as exc:
+            result.mismatched.append(Mismatch(e.key, f"rule {rule.name!r} ({rule.describe_ops()})", str(exc)))
+            continue
+        step = replace(e.step, rules=rules_so_far, transforms=e.step.transforms + ((rule.ops, env),))
+        out.append(_Entry(rule.target.format(captures), step, meta))
+
+    for (target, rule_name), group in fan_in.items():
+        rule = next(r for r in rules if r.name == rule_name and r.kind == "fan_in")
+        first = group[0]
+        sources = tuple(s for e in group for s in e.step.sources)
+        step = replace(first.step, rules=first.step.rules + (rule,), sources=sources, fan_in=True)
+        out.append(_Entry(target, step, first.meta))
+
+    for rule in rules:
+        if rule.kind != "synthesize":
+            continue
+        for e in entries:
+            captures = rule.for_each.match(e.key)
+            if captures is None:
+                continue
+            env = {**variables, **captures, "shape": list(e.meta.shape), "ndim": e.meta.dim()}
+            target = rule.target.format(captures)
+            try:
+                value = rule.value.make(env)
+            except (OpError, expr.ExprError) as exc:
+                result.mismatched.append(Mismatch(target, f"rule {rule.name!r}", str(exc)))
+                continue
+            step = Step(target, (rule,), (), generator=rule.value, generator_env=env)
+            out.append(_Entry(target, step, _meta(value)))
+    # a synthesized tensor dropped on the way back is sized from the key it was made for, which this
+    # stage's inverse has just restored among its outputs
+    for e, rule, captures in checked:
+        result.checked_drops.append(_checked_drop(e, rule, captures, out, variables))
+    return out
+
+
+@dataclass(frozen=True)
+class CheckedDrop:
+    """A tensor the inverse drops because the forward mapping synthesized it: its value must match."""
+
+    key: str
+    rule: Rule
+    step: Step
+    env: Mapping[str, Any] | None  # None: no key to size the expected value from
+
+
+def _checked_drop(e: _Entry, rule: Rule, captures, entries: list[_Entry], variables) -> CheckedDrop:
+    if rule.value.kind == "literal":
+        return CheckedDrop(e.key, rule, e.step, dict(variables))
+    for other in entries:
+        c = rule.for_each.match(other.key)
+        if c is not None and all(c.get(n) == v for n, v in captures.items() if n in c):
+            env = {**variables, **c, "shape": list(other.meta.shape), "ndim": other.meta.dim()}
+            return CheckedDrop(e.key, rule, e.step, env)
+    return CheckedDrop(e.key, rule, e.step, None)
+
+
+def _origin(step: Step) -> str:
+    return step.sources[0] if step.sources else f"rule {step.rule.name!r}"
+
+
+def _first_match(rules: list[Rule], key: str) -> tuple[Rule | None, dict[str, Any]]:
+    for rule in rules:
+        if rule.kind == "synthesize":
+            continue
+        captures = rule.match(key)
+        if captures is not None:
+            return rule, captures
+    return None, {}
+
+
+# --- producing tensors ---------------------------------------------------------------------------
+
+
+def tensor(step: Step, source: Mapping[str, torch.Tensor], *, own_storage: bool = False) -> torch.Tensor:
+    """The value of one target tensor.
+
+    A rename returns the source tensor itself; ``own_storage=True`` clones fan-out copies so no two
+    targets alias (needed for ``safetensors.save_file`` and for independent in-memory tensors).
+    """
+    if step.generator is not None:
+        value = step.generator.make(step.generator_env)
+    else:
+        value = source[step.sources[0]]
+        if step.fan_in:
+            for other in step.sources[1:]:
+                if not torch.equal(value, source[other]):
+                    raise ConversionError(
+                        f"{other} differs from {step.sources[0]}: the {len(step.sources)} copies of {step.target} "
+                        "must be equal to convert back to one upstream tensor"
+                    )
+    for ops, env in step.transforms:
+        value = _apply_ops(ops, value, env)
+    if step.fan_out and own_storage and step.action == "fan_out":
+        value = value.clone()
+    return value
+
+
+def check_dropped_values(plan_: Plan, source: Mapping[str, torch.Tensor]) -> list[str]:
+    """For tensors dropped because the forward mapping synthesized them: do they hold that value?"""
+    failures = []
+    for drop in plan_.checked_drops:
+        origin = _origin(drop.step)
+        if drop.env is None:
+            failures.append(f"{origin}: cannot check it (no key matches {drop.rule.for_each.text!r})")
+            continue
+        expected = drop.rule.value.make(drop.env)
+        actual = tensor(drop.step, source)
+        if actual.shape != expected.shape or not torch.equal(actual.to(expected.dtype), expected):
+            failures.append(f"{origin}: holds values other than {drop.rule.value.describe()}; converting back would lose them")
+    return failures
+
+
+def convert_state_dict(plan_: Plan, source: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every target tensor, in plan order (fan-out copies get their own storage)."""
+    if not plan_.ok:
+        raise ConversionError(plan_.problems(), report=plan_)
+    return {step.target: tensor(step, source, own_storage=True) for step in plan_.steps}

@@ -1,0 +1,556 @@
+"""Mapping files (YAML) -> frozen rule objects, with errors that name the file, line and rule.
+
+A mapping file describes one model family: how to recognise its checkpoints (``detect``), which
+numbers to read off their shapes (``variables``), which published configurations exist
+(``variants``), and the ordered ``rules`` that turn each upstream key into CompressAI-layout keys.
+The rule language is documented in the README; in short, each rule is one of
+
+- ``from``/``to``: rename with typed captures, optionally with ``ops`` (tensor operations, each with
+  an inverse) and ``fan_out`` (one source written to several targets, each with its own storage);
+- ``drop``: a source key that has no target, with a ``reason`` and, for derived buffers, a
+  ``restore`` recipe so the inverse conversion can regenerate it exactly;
+- ``synthesize``: a target key with no source, made by a value generator for each match of
+  ``for_each`` (a source-layout pattern).
+
+The first rule whose source pattern matches a key takes it; later rules never see it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from . import expr
+from .errors import MappingError
+from .ops import Generator, Op, OpError, build_generator, build_op
+from .patterns import KeyPattern, PatternError
+
+SCHEMA_VERSION = 1
+_TOP_KEYS = {
+    "schema", "family", "version", "title", "license", "upstream", "target", "extends",
+    "detect", "variables", "variants", "rules", "stages", "notes",
+}
+_RULE_KEYS = {"name", "from", "to", "ops", "fan_out", "drop", "reason", "restore", "synthesize", "for_each", "value", "note"}
+
+
+# --- YAML with line numbers ------------------------------------------------------------------
+
+
+class _Lined(dict):
+    """A mapping from the YAML file that remembers the line it started on."""
+
+    line: int = 0
+
+
+class _LinedList(list):
+    line: int = 0
+
+
+def _to_python(node: yaml.Node, file: str) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        out = _Lined()
+        out.line = node.start_mark.line + 1
+        for key_node, value_node in node.value:
+            key = _to_python(key_node, file)
+            if not isinstance(key, (str, int)):
+                raise MappingError(f"mapping keys must be strings, got {key!r}", file=file, line=key_node.start_mark.line + 1)
+            if key in out:
+                raise MappingError(f"duplicate key {key!r}", file=file, line=key_node.start_mark.line + 1)
+            out[key] = _to_python(value_node, file)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        seq = _LinedList(_to_python(n, file) for n in node.value)
+        seq.line = node.start_mark.line + 1
+        return seq
+    return _scalar(node)
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path, text: str | None = None) -> Any:
+    file = str(path)
+    try:
+        text = path.read_text() if text is None else text
+    except OSError as exc:
+        raise MappingError(f"cannot read mapping file: {exc.strerror}", file=file) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise MappingError(f"not valid YAML: {problem}", file=file, line=mark.line + 1 if mark else None) from None
+    if node is None:
+        raise MappingError("the file is empty", file=file)
+    return _to_python(node, file)
+
+
+# --- rule objects ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of the mapping: what a source key becomes, or why it has no target."""
+
+    name: str
+    kind: str  # "map" | "drop" | "synthesize"
+    line: int
+    sources: tuple[KeyPattern, ...] = ()
+    target: KeyPattern | None = None
+    ops: tuple[Op, ...] = ()
+    fan_out: tuple[tuple[str, Any], ...] = ()
+    reason: str = ""
+    restore_for_each: KeyPattern | None = None
+    restore_value: Generator | None = None
+    for_each: KeyPattern | None = None
+    value: Generator | None = None
+
+    @property
+    def source(self) -> KeyPattern | None:
+        return self.sources[0] if self.sources else None
+
+    def match(self, key: str) -> dict[str, Any] | None:
+        for pattern in self.sources:
+            found = pattern.match(key)
+            if found is not None:
+                return found
+        return None
+
+    def describe_ops(self) -> str:
+        return ", ".join(op.describe() for op in self.ops)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """An ordered list of rules applied to every key in one pass.
+
+    In a mapping with several stages, a key that no rule of a non-final stage matches passes through
+    unchanged to the next stage; in the final stage every key must be taken by a rule.
+    """
+
+    name: str
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    name: str
+    kind: str  # "shape" | "count" | "exists" | "expr"
+    pattern: KeyPattern | None = None
+    dim: int = 0
+    capture: str | None = None
+    expression: str | int | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    when: tuple[tuple[str, Any], ...]
+    layout: str | None
+    upstream_kwargs: Mapping[str, Any]
+    target_kwargs: Mapping[str, Any]
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Mapping_:
+    """A loaded mapping file."""
+
+    family: str
+    version: int
+    title: str
+    license: str
+    file: str
+    upstream: Mapping[str, Any]
+    target: Mapping[str, Any]
+    detect_all: tuple[KeyPattern, ...]
+    detect_none: tuple[KeyPattern, ...]
+    variables: tuple[VariableSpec, ...]
+    variants: tuple[Variant, ...]
+    stages: tuple[Stage, ...]
+    notes: str = ""
+    sha256: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return tuple(r for stage in self.stages for r in stage.rules)
+
+    def rule(self, name: str) -> Rule:
+        for r in self.rules:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+Mapping = Mapping_  # the public name; the underscore only avoids shadowing typing.Mapping above
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def load_mapping(path: str | Path, *, text: str | None = None, _seen: tuple[str, ...] = ()) -> Mapping_:
+    """Read and validate one mapping file (following ``extends``)."""
+    import hashlib
+
+    path = Path(path)
+    file = path.name
+    data = read_yaml(path, text)
+    if not isinstance(data, dict):
+        raise MappingError("the top level must be a mapping", file=file, line=getattr(data, "line", 1))
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise MappingError(f"unknown top-level key(s) {sorted(unknown)}", file=file, line=data.line)
+
+    parent = None
+    if "extends" in data:
+        if not isinstance(data["extends"], str):
+            raise MappingError("'extends' must name another mapping file", file=file, line=data.line)
+        parent_path = path.parent / data["extends"]
+        if str(parent_path) in _seen or parent_path == path:
+            raise MappingError(f"'extends' loops back to {data['extends']}", file=file, line=data.line)
+        if not parent_path.is_file():
+            raise MappingError(f"'extends' names {data['extends']}, which does not exist", file=file, line=data.line)
+        parent = load_mapping(parent_path, _seen=_seen + (str(path),))
+
+    def need(key, kind, default=None):
+        if key not in data:
+            if parent is not None or default is not None:
+                return default
+            raise MappingError(f"missing required key {key!r}", file=file, line=data.line)
+        value = data[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise MappingError(f"{key!r} must be a {kind.__name__}", file=file, line=data.line)
+        return value
+
+    schema = need("schema", int, SCHEMA_VERSION if parent else None)
+    if schema != SCHEMA_VERSION:
+        raise MappingError(f"schema {schema} is not supported (this tool reads schema {SCHEMA_VERSION})", file=file, line=data.line)
+    family = need("family", str)
+    version = need("version", int)
+    title = need("title", str, parent.title if parent else None)
+    license_ = need("license", str, parent.license if parent else None)
+    upstream = need("upstream", dict, dict(parent.upstream) if parent else None)
+    target = need("target", dict, dict(parent.target) if parent else None)
+    for section, value in (("upstream", upstream), ("target", target)):
+        if "class" not in value or not isinstance(value["class"], str):
+            raise MappingError(f"'{section}' must name a 'class'", file=file, line=getattr(value, "line", data.line))
+
+    detect_all, detect_none = _parse_detect(data.get("detect"), file, parent)
+    variables = _parse_variables(data.get("variables"), file, parent)
+    variants = _parse_variants(data.get("variants"), file, parent, {v.name for v in variables})
+    stages = _parse_stages(data, file, parent, {v.name for v in variables})
+
+    digest = hashlib.sha256((path.read_bytes() if text is None else text.encode())).hexdigest()
+    return Mapping_(
+        family=family,
+        version=version,
+        title=title,
+        license=license_,
+        file=file,
+        upstream=dict(upstream),
+        target=dict(target),
+        detect_all=detect_all,
+        detect_none=detect_none,
+        variables=variables,
+        variants=variants,
+        stages=stages,
+        notes=str(data.get("notes", "")),
+        sha256=digest,
+    )
+
+
+def _pattern(text: Any, file: str, line: int, rule: str | None = None) -> KeyPattern:
+    if not isinstance(text, str):
+        raise MappingError(f"a key pattern must be a string, got {text!r}", file=file, line=line, rule=rule)
+    try:
+        return KeyPattern(text)
+    except PatternError as exc:
+        raise MappingError(str(exc), file=file, line=line, rule=rule) from None
+
+
+def _parse_detect(spec, file, parent):
+    if spec is None:
+        if parent is None:
+            raise MappingError("missing required key 'detect'", file=file)
+        return parent.detect_all, parent.detect_none
+    if not isinstance(spec, dict) or not set(spec) <= {"all", "none"} or "all" not in spec:
+        raise MappingError("'detect' must be a mapping with 'all' (and optionally 'none') lists of key patterns", file=file, line=getattr(spec, "line", None))
+    out = []
+    for name in ("all", "none"):
+        items = spec.get(name, [])
+        if not isinstance(items, list) or (name == "all" and not items):
+            raise MappingError(f"'detect.{name}' must be a list of key patterns", file=file, line=spec.line)
+        out.append(tuple(_pattern(p, file, spec.line) for p in items))
+    return tuple(out)
+
+
+def _parse_variables(spec, file, parent) -> tuple[VariableSpec, ...]:
+    inherited = list(parent.variables) if parent else []
+    if spec is None:
+        return tuple(inherited)
+    if not isinstance(spec, dict):
+        raise MappingError("'variables' must be a mapping of name -> how to read it", file=file)
+    names = {v.name for v in inherited}
+    out = list(inherited)
+    for name, body in spec.items():
+        line = getattr(body, "line", spec.line)
+        if not isinstance(name, str) or not name.isidentifier() or name in ("shape", "ndim"):
+            raise MappingError(f"bad variable name {name!r}", file=file, line=line)
+        if isinstance(body, (str, int)) and not isinstance(body, bool):
+            try:
+                unknown = expr.names(body) - names
+            except expr.ExprError as exc:
+                raise MappingError(str(exc), file=file, line=line) from None
+            if unknown:
+                raise MappingError(f"variable {name!r} uses undefined {sorted(unknown)}", file=file, line=line)
+            var = VariableSpec(name, "expr", expression=body)
+        elif isinstance(body, dict) and "shape" in body:
+            if set(body) - {"shape", "dim"} or not isinstance(body.get("dim", 0), int):
+                raise MappingError(f"variable {name!r}: a shape variable has 'shape' (a key) and 'dim' (an integer)", file=file, line=line)
+            var = VariableSpec(name, "shape", pattern=_pattern(body["shape"], file, line), dim=body.get("dim", 0))
+        elif isinstance(body, dict) and "count" in body:
+            pattern = _pattern(body["count"], file, line)
+            capture = body.get("capture")
+            if set(body) - {"count", "capture"} or capture not in pattern.names:
+                raise MappingError(f"variable {name!r}: 'capture' must name a capture of {pattern.text!r}", file=file, line=line)
+            var = VariableSpec(name, "count", pattern=pattern, capture=capture)
+        elif isinstance(body, dict) and "exists" in body:
+            if set(body) != {"exists"}:
+                raise MappingError(f"variable {name!r}: 'exists' takes a key pattern only", file=file, line=line)
+            var = VariableSpec(name, "exists", pattern=_pattern(body["exists"], file, line))
+        else:
+            raise MappingError(
+                f"variable {name!r} must be an expression or a mapping with 'shape', 'count' or 'exists'", file=file, line=line
+            )
+        out = [v for v in out if v.name != name] + [var]
+        names.add(name)
+    return tuple(out)
+
+
+def _parse_variants(spec, file, parent, variable_names) -> tuple[Variant, ...]:
+    if spec is None:
+        if parent is None:
+            raise MappingError("missing required key 'variants'", file=file)
+        return parent.variants
+    if not isinstance(spec, list) or not spec:
+        raise MappingError("'variants' must be a non-empty list", file=file, line=getattr(spec, "line", None))
+    out = []
+    seen = set()
+    for item in spec:
+        line = getattr(item, "line", spec.line)
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise MappingError("each variant needs a 'name'", file=file, line=line)
+        extra = set(item) - {"name", "when", "layout", "upstream_kwargs", "target_kwargs"}
+        if extra:
+            raise MappingError(f"variant {item['name']!r}: unknown key(s) {sorted(extra)}", file=file, line=line)
+        if item["name"] in seen:
+            raise MappingError(f"variant {item['name']!r} is defined twice", file=file, line=line)
+        seen.add(item["name"])
+        when = item.get("when", {})
+        if not isinstance(when, dict) or set(when) - variable_names:
+            raise MappingError(
+                f"variant {item['name']!r}: 'when' must map defined variables to values", file=file, line=line
+            )
+        for key in ("upstream_kwargs", "target_kwargs"):
+            if not isinstance(item.get(key, {}), dict):
+                raise MappingError(f"variant {item['name']!r}: {key!r} must be a mapping", file=file, line=line)
+        layout = item.get("layout")
+        if layout is not None and not isinstance(layout, str):
+            raise MappingError(f"variant {item['name']!r}: 'layout' must be a string", file=file, line=line)
+        out.append(
+            Variant(
+                name=item["name"],
+                when=tuple(when.items()),
+                layout=layout,
+                upstream_kwargs=dict(item.get("upstream_kwargs", {})),
+                target_kwargs=dict(item.get("target_kwargs", {})),
+                line=line,
+            )
+        )
+    return tuple(out)
+
+
+def _parse_stages(data, file, parent, variable_names) -> tuple[Stage, ...]:
+    """``rules: [...]`` is one stage named "main"; ``stages: [{name, rules}, ...]`` gives several.
+
+    A child mapping (``extends``) merges by stage name: a rule with the name of an inherited rule
+    replaces it in place; new rules go before the inherited ones of that stage.
+    """
+    if "rules" in data and "stages" in data:
+        raise MappingError("give either 'rules' (one stage) or 'stages', not both", file=file, line=data.line)
+    inherited = {s.name: s for s in parent.stages} if parent else {}
+    order = [s.name for s in parent.stages] if parent else []
+    if "rules" in data:
+        raw = [_Lined(name=order[-1] if order else "main", rules=data["rules"])]
+        raw[0].line = getattr(data["rules"], "line", data.line)
+    elif "stages" in data:
+        raw = data["stages"]
+        if not isinstance(raw, list) or not raw:
+            raise MappingError("'stages' must be a non-empty list of {name, rules}", file=file, line=getattr(raw, "line", data.line))
+    elif parent is not None:
+        return parent.stages
+    else:
+        raise MappingError("missing required key 'rules' (or 'stages')", file=file, line=data.line)
+
+    own: dict[str, list[Rule]] = {}
+    all_names: set[str] = set()
+    for stage in raw:
+        line = getattr(stage, "line", data.line)
+        if not isinstance(stage, dict) or set(stage) != {"name", "rules"} or not isinstance(stage["name"], str):
+            raise MappingError("each stage is a mapping with 'name' and 'rules'", file=file, line=line)
+        if not isinstance(stage["rules"], list) or not stage["rules"]:
+            raise MappingError(f"stage {stage['name']!r}: 'rules' must be a non-empty list", file=file, line=line)
+        if stage["name"] in own:
+            raise MappingError(f"stage {stage['name']!r} is defined twice", file=file, line=line)
+        rules = []
+        for item in stage["rules"]:
+            rule = parse_rule(item, file, variable_names, default_line=line)
+            if rule.name in all_names:
+                raise MappingError("two rules have this name", file=file, line=rule.line, rule=rule.name)
+            all_names.add(rule.name)
+            rules.append(rule)
+        own[stage["name"]] = rules
+        if stage["name"] not in order:
+            order.append(stage["name"])
+
+    stages = []
+    for name in order:
+        base = list(inherited[name].rules) if name in inherited else []
+        mine = own.get(name, [])
+        replaced = {r.name for r in mine} & {r.name for r in base}
+        merged = [r for r in mine if r.name not in replaced] + [
+            next(m for m in mine if m.name == r.name) if r.name in replaced else r for r in base
+        ]
+        _check_rule_set(merged, file)
+        stages.append(Stage(name, tuple(merged)))
+    return tuple(stages)
+
+
+def parse_rule(item: Any, file: str, variable_names: set[str], default_line: int = 0) -> Rule:
+    line = getattr(item, "line", default_line)
+    if not isinstance(item, dict):
+        raise MappingError(f"a rule must be a mapping, got {item!r}", file=file, line=line)
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise MappingError("every rule needs a 'name'", file=file, line=line)
+    unknown = set(item) - _RULE_KEYS
+    if unknown:
+        raise MappingError(f"unknown key(s) {sorted(unknown)}", file=file, line=line, rule=name)
+    kinds = [k for k in ("from", "drop", "synthesize") if k in item]
+    if len(kinds) != 1:
+        raise MappingError("a rule has exactly one of 'from' (with 'to'), 'drop' or 'synthesize'", file=file, line=line, rule=name)
+
+    def allow_only(keys):
+        extra = set(item) - keys - {"name", "note"}
+        if extra:
+            raise MappingError(f"{sorted(extra)} not allowed in a '{kinds[0]}' rule", file=file, line=line, rule=name)
+
+    def text(key):
+        value = item.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise MappingError(f"{key!r} must be a non-empty string", file=file, line=line, rule=name)
+        return value
+
+    try:
+        if kinds[0] == "from":
+            allow_only({"from", "to", "ops", "fan_out"})
+            raw_sources = item["from"] if isinstance(item["from"], list) else [item["from"]]
+            if not raw_sources:
+                raise MappingError("'from' is empty", file=file, line=line, rule=name)
+            sources = tuple(_pattern(s, file, line, name) for s in raw_sources)
+            if "to" not in item:
+                raise MappingError("a 'from' rule needs 'to'", file=file, line=line, rule=name)
+            target = _pattern(item["to"], file, line, name)
+            fan = item.get("fan_out", {})
+            if not isinstance(fan, dict) or len(fan) > 1:
+                raise MappingError("'fan_out' maps one new capture name to a count, e.g. {j: K}", file=file, line=line, rule=name)
+            for var, count in fan.items():
+                if not isinstance(var, str) or not var.isidentifier():
+                    raise MappingError(f"bad fan_out name {var!r}", file=file, line=line, rule=name)
+                unknown = expr.names(count) - variable_names
+                if unknown:
+                    raise MappingError(f"fan_out count uses undefined {sorted(unknown)}", file=file, line=line, rule=name)
+            for pattern in sources:
+                if set(pattern.names) != set(sources[0].names):
+                    raise MappingError("all 'from' alternatives must capture the same names", file=file, line=line, rule=name)
+            available = set(sources[0].names) | set(fan)
+            missing = set(target.names) - available
+            if missing:
+                raise MappingError(f"'to' uses {sorted(missing)}, which 'from' does not capture", file=file, line=line, rule=name)
+            lost = available - set(target.names)
+            if lost:
+                raise MappingError(
+                    f"'to' drops the capture(s) {sorted(lost)}: several sources would collide on one target",
+                    file=file, line=line, rule=name,
+                )
+            raw_ops = item.get("ops", [])
+            if not isinstance(raw_ops, list):
+                raise MappingError("'ops' must be a list", file=file, line=line, rule=name)
+            ops = tuple(build_op(o) for o in raw_ops)
+            for op in ops:
+                unknown = op.variables() - variable_names - set(sources[0].names)
+                if unknown:
+                    raise MappingError(f"op {op.describe()} uses undefined {sorted(unknown)}", file=file, line=line, rule=name)
+            if fan and ops:
+                raise MappingError("a fan_out rule copies values unchanged; it cannot also have 'ops'", file=file, line=line, rule=name)
+            return Rule(name, "map", line, sources=sources, target=target, ops=ops, fan_out=tuple(fan.items()))
+        if kinds[0] == "drop":
+            allow_only({"drop", "reason", "restore"})
+            source = _pattern(item["drop"], file, line, name)
+            reason = text("reason")
+            restore_for_each = restore_value = None
+            if "restore" in item:
+                restore = item["restore"]
+                if not isinstance(restore, dict) or set(restore) != {"for_each", "value"}:
+                    raise MappingError("'restore' needs 'for_each' (a target-layout pattern) and 'value'", file=file, line=line, rule=name)
+                restore_for_each = _pattern(restore["for_each"], file, line, name)
+                restore_value = build_generator(restore["value"])
+                missing = set(source.names) - set(restore_for_each.names)
+                if missing:
+                    raise MappingError(f"restore.for_each must capture {sorted(missing)}", file=file, line=line, rule=name)
+            return Rule(name, "drop", line, sources=(source,), reason=reason,
+                        restore_for_each=restore_for_each, restore_value=restore_value)
+        allow_only({"synthesize", "for_each", "value", "reason"})
+        target = _pattern(item["synthesize"], file, line, name)
+        if "for_each" not in item or "value" not in item:
+            raise MappingError("a 'synthesize' rule needs 'for_each' and 'value'", file=file, line=line, rule=name)
+        for_each = _pattern(item["for_each"], file, line, name)
+        missing = set(target.names) - set(for_each.names)
+        if missing:
+            raise MappingError(f"'synthesize' uses {sorted(missing)}, which 'for_each' does not capture", file=file, line=line, rule=name)
+        return Rule(name, "synthesize", line, target=target, for_each=for_each,
+                    value=build_generator(item["value"]), reason=text("reason"))
+    except (OpError, expr.ExprError) as exc:
+        raise MappingError(str(exc), file=file, line=line, rule=name) from None
+
+
+def _check_rule_set(rules: list[Rule], file: str) -> None:
+    """Rules that would write the same target key are refused here, before any checkpoint is read."""
+    seen: dict[str, Rule] = {}
+    for rule in rules:
+        if rule.target is None:
+            continue
+        shape = _template_shape(rule.target.text)
+        if shape in seen:
+            other = seen[shape]
+            raise MappingError(
+                f"writes the same target keys as rule {other.name!r} (line {other.line}): {rule.target.text!r}",
+                file=file, line=rule.line, rule=rule.name,
+            )
+        seen[shape] = rule
+
+
+def _template_shape(text: str) -> str:
+    """A template with capture names erased: two templates with the same shape write the same keys."""
+    import re
+
+    return re.sub(r"\{[^}]*\}", "{}", text)
