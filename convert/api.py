@@ -127,6 +127,17 @@ def safetensors_metadata(config: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def all_finite(value: torch.Tensor) -> bool:
+    """No NaN or Inf (numpy's check: on these CPUs it is far faster than torch's for mapped tensors)."""
+    if not value.is_floating_point() or value.numel() == 0:
+        return True
+    if value.dtype == torch.bfloat16:
+        return bool(torch.isfinite(value).all())
+    import numpy as np
+
+    return bool(np.isfinite(value.detach().cpu().numpy()).all())
+
+
 def _prepare_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder; choose another -o")
@@ -161,7 +172,7 @@ def convert_checkpoint(
 
     def produce(key: str) -> torch.Tensor:
         value = engine.tensor(steps[key], state)
-        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             result.non_finite.append(key)
         return value
 

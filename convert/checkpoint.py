@@ -73,6 +73,15 @@ _UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global|GLOBAL|global)\W+(?:GLOBAL\s
 
 def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str]:
     is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head[:2] == b"PK":
+            raise CheckpointError(f"{path}: the zip archive is truncated or damaged; download the file again")
+        if not head.startswith(b"\x80"):
+            raise CheckpointError(
+                f"{path}: not a PyTorch checkpoint (neither torch's zip format nor a pickle); check the file"
+            )
     file_format = "torch-zip" if is_zip else "torch-legacy"
     if trust_pickle:
         warnings.warn(
@@ -85,7 +94,9 @@ def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str]:
                 zipfile.ZipFile(path).testzip  # opening validates the central directory
             except zipfile.BadZipFile as exc:
                 raise CheckpointError(f"{path}: broken zip archive ({exc}); download the file again") from None
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own chatter about pickle protocols is not for users
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
         return obj, file_format
     except CheckpointError:
         raise
@@ -93,11 +104,47 @@ def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str]:
         raise CheckpointError(_describe_load_failure(path, exc, is_zip)) from None
 
 
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "collections.Counter", "_codecs.encode",
+                         "builtins.set", "builtins.frozenset", "builtins.bytearray", "numpy.")
+
+
+def unsafe_globals(path: Path, limit: int = 5) -> list[str]:
+    """Names of the non-torch globals a pickle would import (read from its opcodes, nothing is run)."""
+    import pickletools
+
+    streams = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            streams = [io.BytesIO(zf.read(n)) for n in zf.namelist() if n.endswith(".pkl")]
+    else:
+        streams = [open(path, "rb")]
+    found: list[str] = []
+    for stream in streams:
+        with stream:
+            while len(found) < limit:
+                strings: list[str] = []
+                try:
+                    for opcode, arg, _ in pickletools.genops(stream):
+                        name = None
+                        if opcode.name in ("GLOBAL", "INST"):
+                            name = str(arg).replace(" ", ".")
+                        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                            name = f"{strings[-2]}.{strings[-1]}"
+                        elif isinstance(arg, str):
+                            strings.append(arg)
+                        if name and not name.startswith(_SAFE_GLOBAL_PREFIXES) and name not in found:
+                            found.append(name)
+                except Exception:  # end of the stream, or bytes that are no pickle: stop scanning
+                    break
+    return found
+
+
 def _describe_load_failure(path: Path, exc: Exception, is_zip: bool) -> str:
     text = str(exc)
     if "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"global:? ([\w.]+ ?[\w.]*)", text)
-        culprit = f" ({found.group(1)})" if found else ""
+        names = unsafe_globals(path)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        culprit = f" ({', '.join(names)})" if names else f" ({found.group(1)})" if found else ""
         return (
             f"{path}: refused to unpickle an object outside torch's safe list{culprit}; the file may run code. "
             "If you trust its source, rerun with --unsafe-trust-pickle"
