@@ -47,10 +47,21 @@ class ConversionResult:
         return self.detection.variant.name
 
 
-def plan_conversion(source: SourceCheckpoint, *, family: str | None = None) -> tuple[Detection, engine.Plan]:
-    """Detect the family and variant of a read checkpoint and plan its conversion (no tensor is read)."""
+def plan_conversion(
+    source: SourceCheckpoint, *, family: str | None = None, mapping: "str | Path | None" = None
+) -> tuple[Detection, engine.Plan]:
+    """Detect the family and variant of a read checkpoint and plan its conversion (no tensor is read).
+
+    ``mapping`` replaces the shipped mapping files by one of the user's (e.g. while writing a new one).
+    """
     shapes = {k: tuple(v.shape) for k, v in source.state_dict.items()}
-    detection = detect_mod.detect(shapes, family)
+    if mapping is not None:
+        from .rules import load_mapping
+
+        custom = load_mapping(Path(mapping))
+        detection = detect_mod.detect(shapes, family or custom.family, mappings=(custom,))
+    else:
+        detection = detect_mod.detect(shapes, family)
     layout = layouts.load(detection.variant.layout, "target") if detection.variant.layout else None
     plan = engine.plan(source.state_dict, detection, layout)
     return detection, plan

@@ -115,9 +115,16 @@ def pick_variant(mapping: Mapping_, variables: Mapping[str, Any]) -> Variant:
     )
 
 
-def detect(shapes: Mapping[str, tuple[int, ...]], family: str | None = None) -> Detection:
+def detect(shapes: Mapping[str, tuple[int, ...]], family: str | None = None,
+           mappings: Iterable[Mapping_] | None = None) -> Detection:
     keys = list(shapes)
-    mapping = mapping_for(family) if family else detect_family(keys)
+    mappings = tuple(mappings) if mappings is not None else None
+    if family:
+        mapping = next((m for m in mappings if m.family == family), None) if mappings else mapping_for(family)
+        if mapping is None:
+            raise DetectionError(f"the given mapping is for another family than {family!r}")
+    else:
+        mapping = detect_family(keys, mappings)
     if family and not matches(mapping, keys):
         raise DetectionError(
             f"the checkpoint does not look like {family}: "

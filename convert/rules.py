@@ -40,9 +40,14 @@ _RULE_KEYS = {"name", "from", "to", "ops", "fan_out", "drop", "reason", "restore
 
 
 class _Lined(dict):
-    """A mapping from the YAML file that remembers the line it started on."""
+    """A mapping from the YAML file that remembers the line it started on, and the line of each key."""
 
     line: int = 0
+    key_lines: dict
+
+    def line_of(self, key: Any) -> int:
+        """The line of ``key`` when it is present, else the line the mapping starts on."""
+        return getattr(self, "key_lines", {}).get(key, self.line)
 
 
 class _LinedList(list):
@@ -53,6 +58,7 @@ def _to_python(node: yaml.Node, file: str) -> Any:
     if isinstance(node, yaml.MappingNode):
         out = _Lined()
         out.line = node.start_mark.line + 1
+        out.key_lines = {}
         for key_node, value_node in node.value:
             key = _to_python(key_node, file)
             if not isinstance(key, (str, int)):
@@ -60,6 +66,7 @@ def _to_python(node: yaml.Node, file: str) -> Any:
             if key in out:
                 raise MappingError(f"duplicate key {key!r}", file=file, line=key_node.start_mark.line + 1)
             out[key] = _to_python(value_node, file)
+            out.key_lines[key] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
         seq = _LinedList(_to_python(n, file) for n in node.value)
@@ -89,7 +96,7 @@ def read_yaml(path: Path, text: str | None = None) -> Any:
         problem = getattr(exc, "problem", None) or str(exc)
         raise MappingError(f"not valid YAML: {problem}", file=file, line=mark.line + 1 if mark else None) from None
     if node is None:
-        raise MappingError("the file is empty", file=file)
+        raise MappingError("the file is empty", file=file, line=1)
     return _to_python(node, file)
 
 
@@ -228,12 +235,13 @@ def load_mapping(path: str | Path, *, text: str | None = None, _seen: tuple[str,
             raise MappingError(f"missing required key {key!r}", file=file, line=data.line)
         value = data[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise MappingError(f"{key!r} must be a {kind.__name__}", file=file, line=data.line)
+            raise MappingError(f"{key!r} must be a {kind.__name__}", file=file, line=data.line_of(key))
         return value
 
     schema = need("schema", int, SCHEMA_VERSION if parent else None)
     if schema != SCHEMA_VERSION:
-        raise MappingError(f"schema {schema} is not supported (this tool reads schema {SCHEMA_VERSION})", file=file, line=data.line)
+        raise MappingError(f"schema {schema} is not supported (this tool reads schema {SCHEMA_VERSION})", file=file,
+                           line=data.line_of("schema"))
     family = need("family", str)
     version = need("version", int)
     title = need("title", str, parent.title if parent else None)
@@ -242,11 +250,11 @@ def load_mapping(path: str | Path, *, text: str | None = None, _seen: tuple[str,
     target = need("target", dict, dict(parent.target) if parent else None)
     for section, value in (("upstream", upstream), ("target", target)):
         if "class" not in value or not isinstance(value["class"], str):
-            raise MappingError(f"'{section}' must name a 'class'", file=file, line=getattr(value, "line", data.line))
+            raise MappingError(f"'{section}' must name a 'class'", file=file, line=data.line_of(section))
 
-    detect_all, detect_none = _parse_detect(data.get("detect"), file, parent)
-    variables = _parse_variables(data.get("variables"), file, parent)
-    variants = _parse_variants(data.get("variants"), file, parent, {v.name for v in variables})
+    detect_all, detect_none = _parse_detect(data.get("detect"), file, parent, data.line_of("detect"))
+    variables = _parse_variables(data.get("variables"), file, parent, data.line_of("variables"))
+    variants = _parse_variants(data.get("variants"), file, parent, {v.name for v in variables}, data.line_of("variants"))
     stages = _parse_stages(data, file, parent, {v.name for v in variables})
 
     digest = hashlib.sha256((path.read_bytes() if text is None else text.encode())).hexdigest()
@@ -277,32 +285,33 @@ def _pattern(text: Any, file: str, line: int, rule: str | None = None) -> KeyPat
         raise MappingError(str(exc), file=file, line=line, rule=rule) from None
 
 
-def _parse_detect(spec, file, parent):
+def _parse_detect(spec, file, parent, line: int):
     if spec is None:
         if parent is None:
-            raise MappingError("missing required key 'detect'", file=file)
+            raise MappingError("missing required key 'detect'", file=file, line=line)
         return parent.detect_all, parent.detect_none
     if not isinstance(spec, dict) or not set(spec) <= {"all", "none"} or "all" not in spec:
-        raise MappingError("'detect' must be a mapping with 'all' (and optionally 'none') lists of key patterns", file=file, line=getattr(spec, "line", None))
+        raise MappingError("'detect' must be a mapping with 'all' (and optionally 'none') lists of key patterns",
+                           file=file, line=line)
     out = []
     for name in ("all", "none"):
         items = spec.get(name, [])
         if not isinstance(items, list) or (name == "all" and not items):
-            raise MappingError(f"'detect.{name}' must be a list of key patterns", file=file, line=spec.line)
-        out.append(tuple(_pattern(p, file, spec.line) for p in items))
+            raise MappingError(f"'detect.{name}' must be a list of key patterns", file=file, line=spec.line_of(name))
+        out.append(tuple(_pattern(p, file, spec.line_of(name)) for p in items))
     return tuple(out)
 
 
-def _parse_variables(spec, file, parent) -> tuple[VariableSpec, ...]:
+def _parse_variables(spec, file, parent, line: int) -> tuple[VariableSpec, ...]:
     inherited = list(parent.variables) if parent else []
     if spec is None:
         return tuple(inherited)
     if not isinstance(spec, dict):
-        raise MappingError("'variables' must be a mapping of name -> how to read it", file=file)
+        raise MappingError("'variables' must be a mapping of name -> how to read it", file=file, line=line)
     names = {v.name for v in inherited}
     out = list(inherited)
     for name, body in spec.items():
-        line = getattr(body, "line", spec.line)
+        line = getattr(body, "line", spec.line_of(name))
         if not isinstance(name, str) or not name.isidentifier() or name in ("shape", "ndim"):
             raise MappingError(f"bad variable name {name!r}", file=file, line=line)
         if isinstance(body, (str, int)) and not isinstance(body, bool):
@@ -336,13 +345,13 @@ def _parse_variables(spec, file, parent) -> tuple[VariableSpec, ...]:
     return tuple(out)
 
 
-def _parse_variants(spec, file, parent, variable_names) -> tuple[Variant, ...]:
+def _parse_variants(spec, file, parent, variable_names, line: int) -> tuple[Variant, ...]:
     if spec is None:
         if parent is None:
-            raise MappingError("missing required key 'variants'", file=file)
+            raise MappingError("missing required key 'variants'", file=file, line=line)
         return parent.variants
     if not isinstance(spec, list) or not spec:
-        raise MappingError("'variants' must be a non-empty list", file=file, line=getattr(spec, "line", None))
+        raise MappingError("'variants' must be a non-empty list", file=file, line=line)
     out = []
     seen = set()
     for item in spec:

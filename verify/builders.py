@@ -1,0 +1,91 @@
+"""Build the two models a parity check compares, from a family name and variant.
+
+The reference side is our re-implementation of the authors' class (``models/upstream``); the target
+side is the CompressAI-layout class (``models/compressai``, or the installed compressai's own).  Both
+are built on the meta device and then take their tensors from the state dicts with ``assign=True``:
+no weights are initialised only to be overwritten, and every tensor the mapping only renames is the
+*same* storage in both models (and the same memory-mapped pages of the checkpoint file).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from lic_checkpoints.convert.errors import LicError
+
+#: family -> (module under models/upstream, class) of our re-implementation of the authors' code
+UPSTREAM_CLASSES: dict[str, tuple[str, str]] = {
+    "tcm": ("tcm", "TCM"),
+    "tcm_auxt": ("tcm", "TCMAuxT"),
+    "dcae": ("dcae", "DCAE"),
+    "saaf": ("saaf", "SAAF"),
+}
+
+_LEGACY_EB = {"_matrix": "matrices", "_bias": "biases", "_factor": "factors"}
+
+
+def upstream_class(family: str) -> type[nn.Module]:
+    try:
+        module, name = UPSTREAM_CLASSES[family]
+    except KeyError:
+        raise LicError(f"no reference model for family {family!r}") from None
+    return getattr(importlib.import_module(f"lic_checkpoints.verify.models.upstream.{module}"), name)
+
+
+def canonical_upstream_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Current compressai names for a state dict that may use the <= 1.2.6 entropy-bottleneck ones."""
+    out = {}
+    for key, value in state_dict.items():
+        head, _, leaf = key.rpartition(".")
+        if head.endswith("entropy_bottleneck"):
+            for old, new in _LEGACY_EB.items():
+                if leaf.startswith(old) and leaf[len(old):].isdigit():
+                    key = f"{head}.{new}.{leaf[len(old):]}"
+        out[key] = value
+    return out
+
+
+def _materialize(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load ``state_dict`` by assignment (sharing storage), strictly, into a meta-built model."""
+    result = nn.Module.load_state_dict(model, dict(state_dict), strict=True, assign=True)
+    del result
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise LicError(f"{type(model).__name__}: {leftovers[0]} was not in the state dict")
+    return model.eval()
+
+
+def build_on_meta(cls: type[nn.Module], kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    try:
+        with torch.device("meta"):
+            model = cls(**kwargs)
+        return _materialize(model, state_dict)
+    except LicError:
+        raise
+    except Exception:
+        # A class whose constructor cannot run on the meta device is built normally instead.
+        model = cls(**kwargs)
+        model.load_state_dict(dict(state_dict), strict=True)
+        return model.eval()
+
+
+def build_upstream(family: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Our re-implementation of the authors' model, holding ``state_dict`` (upstream key names)."""
+    return build_on_meta(upstream_class(family), kwargs, canonical_upstream_names(state_dict))
+
+
+def build_target(family: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
+                 source: str = "ours") -> nn.Module:
+    """The CompressAI-layout model (ours, or the installed compressai's), holding ``state_dict``."""
+    from .models.compressai.installed import target_class
+
+    cls = target_class(family, source=source)
+    if source == "installed":
+        model = cls(**kwargs)
+        model.load_state_dict(dict(state_dict), strict=True)
+        return model.eval()
+    return build_on_meta(cls, kwargs, state_dict)

@@ -1,0 +1,172 @@
+"""``lic-verify``: prove that a converted checkpoint computes what the authors' model computes.
+
+Exit codes: 0 every tier passed; 1 a parity failure (or a regression against ``--baseline``);
+2 a usage or input error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from lic_checkpoints.convert.errors import LicError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"lic-verify: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _tiers(value: str) -> list[str]:
+    tiers = [t.strip().upper() for t in value.split(",") if t.strip()]
+    unknown = [t for t in tiers if t not in ("T0", "T1", "T2", "T3")]
+    if unknown or not tiers:
+        raise click.BadParameter(f"unknown tier(s) {', '.join(unknown) or '(none)'}; use e.g. T0,T1,T2,T3")
+    return tiers
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.argument("converted", required=False)
+@click.option("--family", help="Skip detection and treat SOURCE as this family.")
+@click.option("--images", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Image files or folders (padded like the upstream eval scripts), or one .safetensors holding "
+                   "x [B,3,H,W] in [0,1]. Default: a built-in deterministic set.")
+@click.option("--tiers", "tiers", default="T0,T1,T2,T3", show_default=True, help="Tiers to run.")
+@click.option("--target", type=click.Choice(["ours", "installed"]), default="ours", show_default=True,
+              help="Target side: our CompressAI-layout classes, or the installed compressai's own.")
+@click.option("--forward-rtol", type=float, default=1e-4, show_default=True, help="T1 rtol (x_hat, y, means, scales).")
+@click.option("--forward-atol", type=float, default=1e-4, show_default=True, help="T1 atol (x_hat, y, means, scales).")
+@click.option("--likelihood-rtol", type=float, default=1e-5, show_default=True, help="T1 rtol of likelihoods.")
+@click.option("--likelihood-atol", type=float, default=1e-5, show_default=True, help="T1 atol of likelihoods.")
+@click.option("--flip-margin", type=float, default=1e-5, show_default=True,
+              help="T2: a flipped decision within this distance of its boundary counts as float noise.")
+@click.option("--metric-atol", type=float, default=1e-4, show_default=True, help="T3: PSNR / MS-SSIM tolerance.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, allow_dash=True),
+              help="Write the JSON report here ('-' for stdout).")
+@click.option("--markdown", "md_out", type=click.Path(path_type=Path, allow_dash=True),
+              help="Write the Markdown report here ('-' for stdout).")
+@click.option("--save-outputs", type=click.Path(path_type=Path),
+              help="Write each side's raw outputs (reference.safetensors, target.safetensors) here.")
+@click.option("--baseline", type=click.Path(path_type=Path),
+              help="A stored JSON report: exit 1 if this run regresses against it (CI).")
+@click.option("--threads", type=int, default=2, show_default=True,
+              help="torch CPU threads (results are compared at a fixed thread count).")
+@click.option("--demo", metavar="NAME", help="Synthesize, convert and verify a published configuration "
+              "(dcae, saaf, tcm_n64, tcm_n128, tcm_auxt_n64): no download needed.")
+@click.option("--mapping", "mapping", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Use this mapping YAML instead of the shipped ones (e.g. while writing a new mapping).")
+@click.option("--unsafe-trust-pickle", is_flag=True,
+              help="DANGEROUS: fully unpickle SOURCE, which can run code stored in it.")
+@click.version_option(__version__, prog_name="lic-verify")
+def main(source, converted, family, images, tiers, target, forward_rtol, forward_atol, likelihood_rtol,
+         likelihood_atol, flip_margin, metric_atol, json_out, md_out, save_outputs, baseline, threads, demo,
+         mapping, unsafe_trust_pickle):
+    """Verify a converted checkpoint against the upstream model, tier by tier.
+
+    SOURCE is the upstream checkpoint; CONVERTED (a lic-convert output folder, a .safetensors file, or
+    hf://REPO_ID) is converted on the fly when absent.  When CONVERTED is a folder, the report is
+    also written there (parity_report.json, parity_report.md).
+    """
+    import torch
+
+    from .tiers import Tolerances
+
+    try:
+        tier_list = _tiers(tiers)
+    except click.BadParameter as exc:
+        _fail(str(exc))
+    torch.set_num_threads(max(1, threads))
+    tol = Tolerances(forward_rtol=forward_rtol, forward_atol=forward_atol, likelihood_rtol=likelihood_rtol,
+                     likelihood_atol=likelihood_atol, flip_margin=flip_margin, metric_atol=metric_atol)
+    try:
+        if demo:
+            source, converted = _prepare_demo(demo)
+        if source is None:
+            _fail("give the upstream checkpoint to verify (or --demo NAME); see lic-verify --help")
+        report_dir = None
+        if converted is not None and str(converted).startswith("hf://"):
+            converted = _download(str(converted)[len("hf://"):])
+        if converted is not None and Path(converted).is_dir():
+            report_dir = Path(converted)
+        if unsafe_trust_pickle:
+            click.echo("lic-verify: WARNING: --unsafe-trust-pickle: SOURCE is fully unpickled and can run code",
+                       err=True)
+        from .api import verify_checkpoint
+
+        progress = (lambda m: click.echo(f"  … {m}", err=True)) if sys.stderr.isatty() else None
+        report = verify_checkpoint(source, converted, family=family, images=list(images) or None,
+                                   tiers=tier_list, tolerances=tol, target=target, save_outputs=save_outputs,
+                                   trust_pickle=unsafe_trust_pickle, mapping=mapping, progress=progress)
+    except LicError as exc:
+        _fail(str(exc))
+    _emit(report, json_out, md_out, report_dir)
+    code = 0 if report.passed else 1
+    if baseline is not None:
+        code = max(code, _check_baseline(report, baseline))
+    sys.exit(code)
+
+
+def _emit(report, json_out, md_out, report_dir) -> None:
+    to_stdout = str(json_out) == "-" or str(md_out) == "-"
+    if not to_stdout:
+        click.echo(report.render_table())
+    for target, text in ((json_out, report.to_json() + "\n"), (md_out, report.to_markdown())):
+        if target is None:
+            continue
+        if str(target) == "-":
+            click.echo(text, nl=False)
+        else:
+            from lic_checkpoints.convert.writer import atomic_path
+
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(Path(target)) as tmp:
+                tmp.write_text(text)
+    if report_dir is not None:
+        paths = report.write(report_dir)
+        if not to_stdout:
+            click.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
+def _check_baseline(report, baseline: Path) -> int:
+    from .report import compare_to_baseline
+
+    try:
+        old = json.loads(baseline.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        _fail(f"{baseline}: cannot read the baseline report ({exc})")
+    changes = compare_to_baseline(json.loads(report.to_json()), old)
+    if not changes:
+        click.echo(f"baseline {baseline}: no regression", err=True)
+        return 0
+    click.echo(f"baseline {baseline}: REGRESSION ({len(changes)} difference(s))", err=True)
+    for line in changes[:40]:
+        click.echo(f"  {line}", err=True)
+    return 1
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from lic_checkpoints.publish.hub import download_converted
+    except ImportError:
+        raise LicError("verifying from the Hub needs the publish module (lic_checkpoints.publish)") from None
+    return download_converted(repo_id)
+
+
+def _prepare_demo(name: str) -> tuple[Path, Path]:
+    from lic_checkpoints.convert import api, demo
+
+    out = Path("lic-demo")
+    name = demo.resolve(name)
+    upstream = demo.demo_checkpoint(name, out / f"{name}-upstream.pth.tar")
+    result = api.convert_checkpoint(upstream, out / f"{name}-compressai")
+    click.echo(f"demo {name}: {upstream} -> {result.out_dir}/ ({result.detection.describe()})")
+    return upstream, result.out_dir
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
