@@ -76,3 +76,5 @@ def fixture_expected_json(name: str) -> dict:
 @pytest.fixture(params=FIXTURE_NAMES)
 def fixture_name(request):
     return request.param
+
+MAPPINGS_DIR = REPO_ROOT / "mappings"
