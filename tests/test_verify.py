@@ -140,3 +140,34 @@ def test_user_images_are_padded_like_upstream_eval(tmp_path):
     top, left, h, w = img.crop
     assert (h, w) == (100, 300) and top == 78 and left == 42
     assert torch.equal(img.unpad(img.x), torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255)
+
+
+def test_upstream_repo_reference_runs_in_its_own_process(checkpoints, tmp_path):
+    """--upstream-repo imports `models.<module>` from a clone in a child process.
+
+    The clone here is a stand-in whose `models/tcm.py` re-exports our re-implementation (the tests have
+    no network to fetch the authors' repository); it proves the plumbing: the child process, the
+    authors'-style loading, and that its results flow into every tier.
+    """
+    clone = tmp_path / "LIC_TCM"
+    (clone / "models").mkdir(parents=True)
+    (clone / "models" / "__init__.py").write_text("")
+    (clone / "models" / "tcm.py").write_text(
+        "import os\n"
+        "from lic_checkpoints.verify.models.upstream.tcm import TCM\n"
+        "open(os.path.join(os.path.dirname(__file__), 'imported'), 'w').close()\n"
+    )
+    code, stdout, stderr = run([checkpoints("tcm_n64"), "--upstream-repo", clone, "--json", tmp_path / "r.json",
+                                "--images", fixture_dir("tcm_n64") / "input.safetensors"])
+    assert code == 0, stdout + stderr
+    assert (clone / "models" / "imported").exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["reference"].startswith("the authors' TCM from")
+    assert all(t["passed"] for t in report["tiers"].values())
+    bytes_check = next(c for c in report["tiers"]["T2"]["checks"] if c["name"].endswith("bytes"))
+    assert bytes_check["values"]["reference_streams"] == 2  # upstream: one y stream and one z stream
+
+
+def test_upstream_repo_without_models_package_is_a_usage_error(checkpoints, tmp_path):
+    code, _, stderr = run([checkpoints("tcm_n64"), "--upstream-repo", tmp_path, "--tiers", "T0,T1"])
+    assert code == 2 and "no 'models' package" in stderr

@@ -108,6 +108,7 @@ def verify_checkpoint(
     save_outputs: str | Path | None = None,
     trust_pickle: bool = False,
     mapping: str | Path | None = None,
+    upstream_repo: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ParityReport:
     """Check that the CompressAI-layout model computes what the upstream model computes."""
@@ -129,8 +130,9 @@ def verify_checkpoint(
         source={"file": source.path.name, "sha256": source.sha256, "format": source.file_format},
         converted=conv.description,
         mapping={"file": mapping.file, "version": mapping.version, "sha256": mapping.sha256},
-        reference="lic-checkpoints re-implementation of " + mapping.upstream["class"]
-        + f" ({mapping.upstream.get('repo', '')}@{str(mapping.upstream.get('commit', ''))[:7]})",
+        reference=(f"the authors' {mapping.upstream['class']} from {upstream_repo}" if upstream_repo else
+                   "lic-checkpoints re-implementation of " + mapping.upstream["class"]
+                   + f" ({mapping.upstream.get('repo', '')}@{str(mapping.upstream.get('commit', ''))[:7]})"),
         target=("lic-checkpoints " if target == "ours" else "installed compressai ") + mapping.target["class"],
         inputs=[{"name": i.name, "shape": list(i.x.shape), "sha256": i.sha256} for i in test_images],
         tolerances=tol,
@@ -153,7 +155,10 @@ def verify_checkpoint(
     if model_tiers:
         say("building both models")
         t = time.perf_counter()
-        reference = build_upstream(detection.family, detection.variant.upstream_kwargs, source.state_dict)
+        if upstream_repo is None:
+            reference = build_upstream(detection.family, detection.variant.upstream_kwargs, source.state_dict)
+        else:
+            reference = _AuthorsCode(Path(upstream_repo), mapping, detection, source.state_dict)
         tgt_model = build_target(detection.family, detection.variant.target_kwargs, conv.tensors, source=target)
         timings["build"] = time.perf_counter() - t
         _run_model_tiers(report, model_tiers, reference, tgt_model, test_images, tol, timings, say, save_outputs,
@@ -167,24 +172,48 @@ def verify_checkpoint(
     return report
 
 
+class _AuthorsCode:
+    """The reference side run from the user's clone of the authors' repository, in a child process."""
+
+    def __init__(self, repo: Path, mapping, detection, state_dict) -> None:
+        if "module" not in mapping.upstream:
+            raise LicError(f"mapping {mapping.file} does not say which module holds {mapping.upstream['class']}")
+        self.repo, self.mapping, self.detection = repo, mapping, detection
+        self.state_dict = canonical_upstream_names(state_dict)
+
+    def run(self, test_images, coding: bool):
+        from .upstream_repo import run_reference
+
+        up = self.mapping.upstream
+        return run_reference(self.repo, up["module"], up["class"], self.detection.variant.upstream_kwargs,
+                             self.state_dict, test_images, coding=coding)
+
+
 def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, timings, say, save_outputs, detection):
     t = time.perf_counter()
     say("T1: forward")
-    ref_out = [_forward(reference, img.x, False) for img in test_images]
+    coding = "T2" in wanted or "T3" in wanted
+    if isinstance(reference, _AuthorsCode):
+        ref_out, authors_sides = reference.run(test_images, coding)
+    else:
+        ref_out = [_forward(reference, img.x, False) for img in test_images]
     tgt_out = [_forward(tgt_model, img.x, True) for img in test_images]
     timings["forward"] = time.perf_counter() - t
     if "T1" in wanted:
         report.tiers.append(tier1(test_images, ref_out, tgt_out, tol))
     ref_sides = tgt_sides = None
-    if "T2" in wanted or "T3" in wanted:
+    if coding:
         say("T2: entropy coding")
         t = time.perf_counter()
-        reference.update(force=True)
         tgt_model.update(force=True)
-        ref_sides = [_reference_side(reference, img.x, out) for img, out in zip(test_images, ref_out)]
+        if isinstance(reference, _AuthorsCode):
+            ref_sides = authors_sides
+        else:
+            reference.update(force=True)
+            ref_sides = [_reference_side(reference, img.x, out) for img, out in zip(test_images, ref_out)]
         tgt_sides = [_target_side(tgt_model, img.x, out) for img, out in zip(test_images, tgt_out)]
         timings["coding"] = time.perf_counter() - t
-        table = reference.gaussian_conditional.scale_table
+        table = tgt_model.latent_codec.y.latent_codec["y0"].gaussian_conditional.scale_table
         if "T2" in wanted:
             report.tiers.append(tier2(test_images, ref_sides, tgt_sides, detection.variables.get("K", 5), table, tol))
         if "T3" in wanted:

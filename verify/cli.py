@@ -58,6 +58,9 @@ def _tiers(value: str) -> list[str]:
               help="torch CPU threads (results are compared at a fixed thread count).")
 @click.option("--demo", metavar="NAME", help="Synthesize, convert and verify a published configuration "
               "(dcae, saaf, tcm_n64, tcm_n128, tcm_auxt_n64): no download needed.")
+@click.option("--upstream-repo", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Reference side from your clone of the authors' repository (run in a separate process) "
+                   "instead of our re-implementation.")
 @click.option("--mapping", "mapping", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Use this mapping YAML instead of the shipped ones (e.g. while writing a new mapping).")
 @click.option("--unsafe-trust-pickle", is_flag=True,
@@ -65,7 +68,7 @@ def _tiers(value: str) -> list[str]:
 @click.version_option(__version__, prog_name="lic-verify")
 def main(source, converted, family, images, tiers, target, forward_rtol, forward_atol, likelihood_rtol,
          likelihood_atol, flip_margin, metric_atol, json_out, md_out, save_outputs, baseline, threads, demo,
-         mapping, unsafe_trust_pickle):
+         upstream_repo, mapping, unsafe_trust_pickle):
     """Verify a converted checkpoint against the upstream model, tier by tier.
 
     SOURCE is the upstream checkpoint; CONVERTED (a lic-convert output folder, a .safetensors file, or
@@ -101,7 +104,8 @@ def main(source, converted, family, images, tiers, target, forward_rtol, forward
         progress = (lambda m: click.echo(f"  … {m}", err=True)) if sys.stderr.isatty() else None
         report = verify_checkpoint(source, converted, family=family, images=list(images) or None,
                                    tiers=tier_list, tolerances=tol, target=target, save_outputs=save_outputs,
-                                   trust_pickle=unsafe_trust_pickle, mapping=mapping, progress=progress)
+                                   trust_pickle=unsafe_trust_pickle, mapping=mapping,
+                                   upstream_repo=upstream_repo, progress=progress)
     except LicError as exc:
         _fail(str(exc))
     _emit(report, json_out, md_out, report_dir)
