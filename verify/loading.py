@@ -1,0 +1,41 @@
+"""Load a ``lic-convert`` output into its CompressAI-layout model, the way a user would.
+
+``config.json`` names the family and the constructor kwargs; the class is ours by default, or the
+installed compressai's own (``source="installed"``) when it ships one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lic_checkpoints.convert.api import CONFIG_FILE, MODEL_FILE
+from lic_checkpoints.convert.errors import CheckpointError
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; give a lic-convert output folder") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_converted(folder: str | Path, *, source: str = "ours", update: bool = True) -> nn.Module:
+    """The model of a converted folder, weights loaded strictly, in eval mode (entropy tables built)."""
+    from safetensors.torch import load_file
+
+    from .models.compressai.installed import target_class
+
+    config = read_config(folder)
+    cls = target_class(config["family"], source=source)
+    model = cls(**config["target"]["kwargs"])
+    model.load_state_dict(load_file(str(Path(folder) / MODEL_FILE)), strict=True)
+    if update:
+        model.update(force=True)
+    return model.eval()
