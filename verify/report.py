@@ -104,26 +104,32 @@ class ParityReport:
 
     # --- text ----------------------------------------------------------------------------------
 
+    def rows(self):
+        """(tier, check name, status, detail) for every check; one row for a skipped tier."""
+        for tier in self.tiers:
+            if tier.skipped:
+                yield tier, "", "skipped", tier.skipped
+                continue
+            for c in tier.checks:
+                yield tier, c.name, ("pass" if not c.explained else "explained") if c.passed else "FAIL", c.detail
+
+    def tolerance_line(self) -> str:
+        t = self.tolerances
+        return (f"T0 tensors and T2 symbols bit-exact; T1 allclose rtol={t.forward_rtol:g}, atol={t.forward_atol:g} "
+                f"(likelihoods rtol={t.likelihood_rtol:g}, atol={t.likelihood_atol:g}); a flipped decision counts as "
+                f"explained only within {t.flip_margin:g} of its boundary; T3 PSNR/MS-SSIM within {t.metric_atol:g}, "
+                f"bytes within {t.stream_overhead_bytes} per extra rANS stream")
+
     def render_table(self, width: int = 110) -> str:
         lines = [f"parity report: {self.family} / {self.variant}  (reference: {self.reference}; target: {self.target})"]
         lines.append(f"{'TIER':<5} {'RESULT':<9} CHECK")
-        for tier in self.tiers:
-            if tier.skipped:
-                lines.append(f"{tier.tier:<5} {'SKIPPED':<9} {tier.title}: {tier.skipped}")
-                continue
-            for c in tier.checks:
-                status = "pass" if c.passed and not c.explained else "explained" if c.passed else "FAIL"
-                text = f"{tier.tier:<5} {status:<9} {c.name}: {c.detail}"
-                lines.append(text if len(text) <= width else text[: width - 1] + "…")
+        for tier, name, status, detail in self.rows():
+            text = f"{tier.tier:<5} {status:<9} {name or tier.title}: {detail}"
+            lines.append(text if len(text) <= width else text[: width - 1] + "…")
         verdict = "PASSED" if self.passed else "FAILED"
         failure = self.first_failure()
         lines.append(f"result: {verdict}" + (f" (first failure: {failure[0].tier} {failure[1].name})" if failure else ""))
-        t = self.tolerances
-        lines.append(
-            f"tolerances: T0 and T2 symbols bit-exact; T1 rtol/atol {t.forward_rtol:g}/{t.forward_atol:g} "
-            f"(likelihoods {t.likelihood_rtol:g}/{t.likelihood_atol:g}); flips explained within {t.flip_margin:g}; "
-            f"T3 {t.metric_atol:g}"
-        )
+        lines.append("tolerances: " + self.tolerance_line())
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -141,20 +147,10 @@ class ParityReport:
             "| Tier | Check | Result | Details |",
             "|---|---|---|---|",
         ]
-        for tier in self.tiers:
-            if tier.skipped:
-                out.append(f"| {tier.tier} {tier.title} | — | skipped | {tier.skipped} |")
-                continue
-            for c in tier.checks:
-                status = "pass" if c.passed and not c.explained else "explained" if c.passed else "**FAIL**"
-                out.append(f"| {tier.tier} {tier.title} | {c.name} | {status} | {c.detail.replace('|', '/')} |")
-        t = self.tolerances
-        out += [
-            "",
-            f"Tolerances: T0 tensors and T2 symbols bit-exact; T1 `allclose(rtol={t.forward_rtol:g}, atol={t.forward_atol:g})`"
-            f" (likelihoods rtol={t.likelihood_rtol:g}, atol={t.likelihood_atol:g}); a flipped rounding or scale-index"
-            f" decision counts as explained only within {t.flip_margin:g} of its boundary; T3 metrics within {t.metric_atol:g}.",
-        ]
+        for tier, name, status, detail in self.rows():
+            status = "**FAIL**" if status == "FAIL" else status
+            out.append(f"| {tier.tier} {tier.title} | {name or '—'} | {status} | {detail.replace('|', '/')} |")
+        out += ["", f"Tolerances: {self.tolerance_line()}."]
         if self.notes:
             out += [""] + [f"> {n}" for n in self.notes]
         return "\n".join(out) + "\n"
