@@ -93,8 +93,8 @@ def main(source, converted, family, images, tiers, target, forward_rtol, forward
             _fail("give the upstream checkpoint to verify (or --demo NAME); see lic-verify --help")
         report_dir = None
         if converted is not None and str(converted).startswith("hf://"):
-            converted = _download(str(converted)[len("hf://"):])
-        if converted is not None and Path(converted).is_dir():
+            converted = _download(str(converted)[len("hf://"):])  # a cache folder: the report stays out of it
+        elif converted is not None and Path(converted).is_dir():
             report_dir = Path(converted)
         if unsafe_trust_pickle:
             click.echo("lic-verify: WARNING: --unsafe-trust-pickle: SOURCE is fully unpickled and can run code",
@@ -153,12 +153,12 @@ def _check_baseline(report, baseline: Path) -> int:
     return 1
 
 
-def _download(repo_id: str) -> Path:
-    try:
-        from lic_checkpoints.publish.hub import download_converted
-    except ImportError:
-        raise LicError("verifying from the Hub needs the publish module (lic_checkpoints.publish)") from None
-    return download_converted(repo_id)
+def _download(spec: str) -> Path:
+    """``hf://owner/name`` or ``hf://owner/name@revision`` -> the downloaded folder."""
+    from lic_checkpoints.publish.hub import download_converted
+
+    repo_id, _, revision = spec.partition("@")
+    return download_converted(repo_id, revision=revision or None)
 
 
 def _prepare_demo(name: str) -> tuple[Path, Path]:
