@@ -18,7 +18,8 @@ import torch
 
 from conftest import TARGETS_DIR, fixture_expected, fixture_input, fixture_manifest, upstream_checkpoint
 from lic_checkpoints.convert import api
-from lic_checkpoints.verify.models.compressai.dcae import DCAE, IncompatibleStateDictError
+from lic_checkpoints.verify.models.compressai.compat import IncompatibleStateDictError
+from lic_checkpoints.verify.models.compressai.dcae import DCAE
 from lic_checkpoints.verify.models.compressai.installed import target_class
 from lic_checkpoints.verify.models.compressai.saaf import SAAF
 

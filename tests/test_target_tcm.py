@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from lic_checkpoints.convert import api
 from lic_checkpoints.verify.models.blocks.wavelets import HaarDWT, HaarIDWT
-from lic_checkpoints.verify.models.compressai.dcae import IncompatibleStateDictError
+from lic_checkpoints.verify.models.compressai.compat import IncompatibleStateDictError
 from lic_checkpoints.verify.models.compressai.installed import target_class
 from lic_checkpoints.verify.models.compressai.tcm import TCM
 from lic_checkpoints.verify.models.compressai.tcm_blocks import WLS, iWLS

@@ -26,8 +26,9 @@ from ..blocks.saaf_blocks import (
     InverseAdaptiveFrequencyBlock,
     SpatialAttentionBlock,
 )
-from ..upstream.saaf import _run_with_aux
-from .dcae import DCAE, IMAGE_CHANNELS, IncompatibleStateDictError, _require
+from ..upstream.saaf import run_with_aux
+from .compat import IncompatibleStateDictError, require_key
+from .dcae import DCAE, IMAGE_CHANNELS
 
 __all__ = ["SAAF"]
 
@@ -86,10 +87,10 @@ class SAAF(DCAE):
 
     def analysis(self, x: Tensor) -> Tensor:
         # The aux stream continues from its resized map, as upstream; master resizes a copy only.
-        return _run_with_aux(self.g_a, self.aux_enc, x)
+        return run_with_aux(self.g_a, self.aux_enc, x)
 
     def synthesis(self, y_hat: Tensor) -> Tensor:
-        return _run_with_aux(self.g_s, self.aux_dec, y_hat)
+        return run_with_aux(self.g_s, self.aux_dec, y_hat)
 
     def extra_forward_outputs(self, y: Tensor) -> dict[str, Tensor]:
         if not self.training:
@@ -101,7 +102,7 @@ class SAAF(DCAE):
 
     @classmethod
     def attention_geometry(cls, state_dict: Mapping[str, Tensor], stage: str, width: int) -> tuple[int, int]:
-        table = _require(state_dict, f"{stage}.layers.0.msa.relative_position_bias_table", cls.family)
+        table = require_key(state_dict, f"{stage}.layers.0.msa.relative_position_bias_table", cls.family)
         rows, heads = table.shape
         side = math.isqrt(rows)
         if side * side != rows or side % 2 == 0:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..blocks.slice_transforms import SliceTransform
 from ..upstream.base import check_upstream_input_size
-from .dcae import IncompatibleStateDictError, _require, describe_mismatch, guess_layout
+from .compat import IncompatibleStateDictError, describe_mismatch, guess_layout, require_key
 from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, leading_support
 from .tcm_blocks import WLS, AuxTTransform, ConvTransBlock, SWAtten, iWLS
 
@@ -94,7 +94,7 @@ class TCM(CompressionModel):
     reuses ``config[0]``, the hyper syntheses ``config[3]``).
     """
 
-    #: Family name in error messages (as :func:`.dcae.guess_layout` spells it).
+    #: Family name in error messages (as :func:`.compat.guess_layout` spells it).
     family = "TCM"
     latent_codec: SliceHyperpriorCodec
 
@@ -302,7 +302,7 @@ class TCM(CompressionModel):
         return super().load_state_dict(state_dict, strict=strict)
 
     def variant_name(self) -> str:
-        """``"TCM"`` or ``"TCM+AuxT"`` (the names :func:`.dcae.guess_layout` gives)."""
+        """``"TCM"`` or ``"TCM+AuxT"`` (the names :func:`.compat.guess_layout` gives)."""
         return "TCM+AuxT" if self.use_auxt else "TCM"
 
     @staticmethod
@@ -327,7 +327,7 @@ class TCM(CompressionModel):
         from the bias tables rather than assumed."""
 
         def shape(key: str) -> tuple[int, ...]:
-            return tuple(_require(state_dict, key, cls.family).shape)
+            return tuple(require_key(state_dict, key, cls.family).shape)
 
         keys = list(state_dict)
         g_a = "g_a.transform" if any(k.startswith("g_a.transform.") for k in keys) else "g_a"

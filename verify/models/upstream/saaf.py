@@ -39,7 +39,7 @@ def _merge(main: Tensor, aux: Tensor) -> tuple[Tensor, Tensor]:
     return main + aux, aux
 
 
-def _run_with_aux(main_layers: nn.Sequential, aux_blocks: nn.ModuleList, x: Tensor) -> Tensor:
+def run_with_aux(main_layers: nn.Sequential, aux_blocks: nn.ModuleList, x: Tensor) -> Tensor:
     """Run ``main_layers`` segment by segment, adding the chained aux branch after each segment."""
     main, aux = x, x
     for (start, stop), aux_block in zip(MERGE_SEGMENTS, aux_blocks):
@@ -78,10 +78,10 @@ class SAAF(DCAE):
         )
 
     def analysis(self, x: Tensor) -> Tensor:
-        return _run_with_aux(self.g_a, self.aux_enc, x)
+        return run_with_aux(self.g_a, self.aux_enc, x)
 
     def synthesis(self, y_hat: Tensor) -> Tensor:
-        return _run_with_aux(self.g_s, self.aux_dec, y_hat)
+        return run_with_aux(self.g_s, self.aux_dec, y_hat)
 
     def extra_forward_outputs(self, x: Tensor, y: Tensor, z_hat: Tensor) -> dict[str, Any]:
         if self.training:
