@@ -66,11 +66,10 @@ def build_on_meta(cls: type[nn.Module], kwargs: Mapping[str, Any], state_dict: M
         return _materialize(model, state_dict)
     except LicError:
         raise
-    except Exception:
-        # A class whose constructor cannot run on the meta device is built normally instead.
-        model = cls(**kwargs)
-        model.load_state_dict(dict(state_dict), strict=True)
-        return model.eval()
+    except (NotImplementedError, RuntimeError):
+        # compressai's GDN cannot be built on the meta device (TCM): build it normally, then still
+        # take the tensors by assignment so the initial weights are freed and storage is shared.
+        return _materialize(cls(**kwargs), state_dict)
 
 
 def build_upstream(family: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:

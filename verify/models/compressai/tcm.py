@@ -158,7 +158,7 @@ class TCM(CompressionModel):
     def _main_transforms(self) -> tuple[nn.Sequential, nn.Sequential]:
         N, M, c, hd, w = self.N, self.M, self.config, self.head_dim, self.window_size
         width = 2 * N
-        rates = torch.linspace(0, self.drop_path_rate, max(sum(c), 1)).tolist()
+        rates = torch.linspace(0, self.drop_path_rate, max(sum(c), 1), device="cpu").tolist()  # also under a meta device
         # upstream quirk reproduced on purpose (training only): all g_s stages restart at the same
         # drop-path offset; master continues the schedule across them
         offsets = (0, c[0], c[0] + c[1], *(3 * [c[0] + c[1] + c[2]]))

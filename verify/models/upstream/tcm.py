@@ -68,7 +68,7 @@ class TCM(UpstreamSliceModel):
         self.max_support_slices = max_support_slices
         self.M = M
         width = 2 * N
-        rates = torch.linspace(0, drop_path_rate, sum(config)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(config), device="cpu").tolist()  # also under a meta device
         down_offsets = [sum(config[:k]) for k in range(3)]
         # upstream quirk reproduced on purpose: all three decoder stages reuse the same drop-path offset
         up_offset = sum(config[:3])
