@@ -2,13 +2,16 @@
 
 The reference side is our re-implementation of the authors' class (``models/upstream``); the target
 side is the CompressAI-layout class (``models/compressai``, or the installed compressai's own).  Both
-are built on the meta device and then take their tensors from the state dicts with ``assign=True``:
-no weights are initialised only to be overwritten, and every tensor the mapping only renames is the
-*same* storage in both models (and the same memory-mapped pages of the checkpoint file).
+are built with their parameters on the meta device (each is initialised, then dropped at once, so at
+most one parameter's worth of memory is used; buffers stay real, so derived non-persistent buffers
+keep their values) and then take their tensors from the state dicts with ``assign=True``: every
+tensor the mapping only renames is the *same* storage in both models (and the same memory-mapped
+pages of the checkpoint file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any, Mapping
 
@@ -59,17 +62,32 @@ def _materialize(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn
     return model.eval()
 
 
-def build_on_meta(cls: type[nn.Module], kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+#: parameters smaller than this stay real while a model is built (some constructors, e.g.
+#: compressai's EntropyBottleneck, assign to ``param.data`` afterwards); they are replaced on loading
+SMALL_PARAMETER = 1 << 16
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Inside, every parameter a module registers is moved to the meta device right away."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param) -> None:
+        if param is not None and not param.is_meta and param.numel() >= SMALL_PARAMETER:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
     try:
-        with torch.device("meta"):
-            model = cls(**kwargs)
-        return _materialize(model, state_dict)
-    except LicError:
-        raise
-    except (NotImplementedError, RuntimeError):
-        # compressai's GDN cannot be built on the meta device (TCM): build it normally, then still
-        # take the tensors by assignment so the initial weights are freed and storage is shared.
-        return _materialize(cls(**kwargs), state_dict)
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_on_meta(cls: type[nn.Module], kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    with parameters_on_meta():
+        model = cls(**kwargs)
+    return _materialize(model, state_dict)
 
 
 def build_upstream(family: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
