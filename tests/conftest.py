@@ -78,3 +78,14 @@ def fixture_name(request):
     return request.param
 
 MAPPINGS_DIR = REPO_ROOT / "mappings"
+
+#: the entropy tables that update(force=True) fills (upstream names), as stored in expected.safetensors
+ENTROPY_TABLES = (
+    "entropy_bottleneck._quantized_cdf",
+    "entropy_bottleneck._offset",
+    "entropy_bottleneck._cdf_length",
+    "gaussian_conditional._quantized_cdf",
+    "gaussian_conditional._offset",
+    "gaussian_conditional._cdf_length",
+    "gaussian_conditional.scale_table",
+)

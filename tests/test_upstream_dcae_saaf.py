@@ -8,22 +8,13 @@ import pytest
 import torch
 from compressai.models.base import get_scale_table
 
-from conftest import fixture_expected, fixture_input, fixture_manifest, upstream_state_dict
+from conftest import ENTROPY_TABLES, fixture_expected, fixture_input, fixture_manifest, upstream_state_dict
 from lic_checkpoints.verify.models.upstream.dcae import DCAE
 from lic_checkpoints.verify.models.upstream.saaf import SAAF
 
 MODELS = {"dcae": DCAE, "saaf": SAAF}
 FORWARD_TOL = dict(rtol=1e-4, atol=1e-4)  # fixtures/README.md section 6
 LIKELIHOOD_TOL = dict(rtol=0.0, atol=1e-5)
-ENTROPY_TABLES = (
-    "entropy_bottleneck._quantized_cdf",
-    "entropy_bottleneck._offset",
-    "entropy_bottleneck._cdf_length",
-    "gaussian_conditional._quantized_cdf",
-    "gaussian_conditional._offset",
-    "gaussian_conditional._cdf_length",
-    "gaussian_conditional.scale_table",
-)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import fixture_expected, fixture_input, fixture_manifest, upstream_checkpoint, upstream_state_dict
+from conftest import ENTROPY_TABLES, fixture_expected, fixture_input, fixture_manifest, upstream_checkpoint, upstream_state_dict
 
 from lic_checkpoints.verify.models.upstream.base import UpstreamSliceModel
 from lic_checkpoints.verify.models.upstream.tcm import TCM, TCMAuxT
@@ -26,15 +26,6 @@ BUILDERS: dict[str, Callable[..., UpstreamSliceModel]] = {
 # fixtures/README.md section 6
 FORWARD_ATOL = {"x_hat": 1e-4, "y": 1e-4, "means": 1e-4, "scales": 1e-4, "likelihoods_y": 1e-5, "likelihoods_z": 1e-5}
 FORWARD_RTOL = 1e-4
-TABLE_KEYS = (
-    "entropy_bottleneck._quantized_cdf",
-    "entropy_bottleneck._offset",
-    "entropy_bottleneck._cdf_length",
-    "gaussian_conditional._quantized_cdf",
-    "gaussian_conditional._offset",
-    "gaussian_conditional._cdf_length",
-    "gaussian_conditional.scale_table",
-)
 
 
 @dataclass
@@ -86,7 +77,7 @@ def run(request) -> Run:
                 **out["para"],
             }
             model.update(force=True)
-            result.tables = {k: model.state_dict()[k].clone() for k in TABLE_KEYS}
+            result.tables = {k: model.state_dict()[k].clone() for k in ENTROPY_TABLES}
             result.encoded = model.compress(x)
             upstream_strings = [[_bytes(expected["strings_y_0"])], [_bytes(expected["strings_z_0"])]]
             shape = expected["compress_shape"].tolist()
@@ -167,7 +158,7 @@ def test_forward_matches_upstream(run: Run) -> None:
 
 def test_entropy_tables_match_exactly(run: Run) -> None:
     expected = fixture_expected(run.name)
-    for key in TABLE_KEYS:
+    for key in ENTROPY_TABLES:
         assert run.tables[key].dtype == expected[key].dtype, key
         assert torch.equal(run.tables[key], expected[key]), key
 
