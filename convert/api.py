@@ -20,7 +20,7 @@ from . import engine, layouts, report
 from .checkpoint import SourceCheckpoint, read_checkpoint
 from .detect import Detection
 from .errors import CheckpointError, ConversionError, OutputError
-from .writer import write_json, write_safetensors, write_torch
+from .writer import output_lock, write_json, write_safetensors, write_torch
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -189,30 +189,27 @@ def convert_checkpoint(
 
     # The config records the source hash; computing it first keeps it out of the write loop.
     source.sha256  # noqa: B018 - warms the cached property
-    try:
+    # One writer at a time per folder, so model and config always come from the same run.
+    with output_lock(out_dir):
         if output_format == "safetensors":
             model_path = out_dir / MODEL_FILE
-            config_probe = build_config(result)
             result.bytes_written = write_safetensors(
                 model_path,
                 [(s.target, s.shape, s.dtype) for s in plan.steps],
                 produce,
-                safetensors_metadata(config_probe),
+                safetensors_metadata(build_config(result)),
                 progress=progress,
             )
         elif output_format == "pth":
             model_path = out_dir / "model.pth"
             tensors = {s.target: produce(s.target) for s in plan.steps}
-            tensors = {k: (v.clone() if steps[k].fan_out else v) for k, v in tensors.items()}
             write_torch(model_path, tensors)
             result.bytes_written = model_path.stat().st_size
         else:
             raise OutputError(f"unknown output format {output_format!r}; use safetensors or pth")
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: writing failed ({exc.strerror or exc}); nothing was left behind") from None
-    result.config = build_config(result)
-    config_path = out_dir / CONFIG_FILE
-    write_json(config_path, result.config)
+        result.config = build_config(result)
+        config_path = out_dir / CONFIG_FILE
+        write_json(config_path, result.config)
     result.files = [model_path, config_path]
     return result
 

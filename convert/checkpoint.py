@@ -68,9 +68,6 @@ def _check_path(path: Path) -> None:
         raise CheckpointError(f"{path}: the file is empty; download it again")
 
 
-_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global|GLOBAL|global)\W+(?:GLOBAL\s+)?([\w.]+(?:\s*\.\s*\w+)*)")
-
-
 def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str]:
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
@@ -90,10 +87,7 @@ def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str]:
         )
     try:
         if is_zip:
-            try:
-                zipfile.ZipFile(path).testzip  # opening validates the central directory
-            except zipfile.BadZipFile as exc:
-                raise CheckpointError(f"{path}: broken zip archive ({exc}); download the file again") from None
+            _verify_zip_members(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's own chatter about pickle protocols is not for users
             obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
@@ -104,8 +98,31 @@ def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str]:
         raise CheckpointError(_describe_load_failure(path, exc, is_zip)) from None
 
 
+def _verify_zip_members(path: Path) -> None:
+    """Check every member of a torch zip against its CRC.
+
+    torch maps tensor records straight from the file and never checks their CRC, so a flipped or
+    cut record would otherwise load as silently wrong weights.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except OSError:  # a record shorter or longer than the directory says sends reads off the file
+        raise CheckpointError(
+            f"{path}: broken zip archive (its records do not match its directory); download the file again"
+        ) from None
+    except Exception as exc:  # BadZipFile, EOFError, zlib and struct errors all mean the same here
+        raise CheckpointError(f"{path}: broken zip archive ({exc}); download the file again") from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path}: the zip record {damaged!r} is damaged (CRC check failed); download the file again"
+        )
+
+
 _SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "collections.Counter", "_codecs.encode",
                          "builtins.set", "builtins.frozenset", "builtins.bytearray", "numpy.")
+#: how much of each pickle inside a zip is scanned for names (a hostile archive may hold a huge one)
+_SCAN_BYTES = 1 << 20
 
 
 def unsafe_globals(path: Path, limit: int = 5) -> list[str]:
@@ -115,7 +132,9 @@ def unsafe_globals(path: Path, limit: int = 5) -> list[str]:
     streams = []
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            streams = [io.BytesIO(zf.read(n)) for n in zf.namelist() if n.endswith(".pkl")]
+            for name in (n for n in zf.namelist() if n.endswith(".pkl")):
+                with zf.open(name) as member:
+                    streams.append(io.BytesIO(member.read(_SCAN_BYTES)))
     else:
         streams = [open(path, "rb")]
     found: list[str] = []
@@ -202,12 +221,15 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> S
     path = Path(path)
     _check_path(path)
     metadata: dict[str, str] = {}
-    if path.name.endswith(".safetensors"):
-        state_dict, metadata = _load_safetensors(path)
-        entry, ignored, file_format = None, [], "safetensors"
-    else:
-        obj, file_format = _load_torch(path, trust_pickle)
-        state_dict, entry, ignored = _find_state_dict(obj, path)
+    try:
+        if path.name.endswith(".safetensors"):
+            state_dict, metadata = _load_safetensors(path)
+            entry, ignored, file_format = None, [], "safetensors"
+        else:
+            obj, file_format = _load_torch(path, trust_pickle)
+            state_dict, entry, ignored = _find_state_dict(obj, path)
+    except OSError as exc:  # permission checks can pass and reads still fail (ACLs, I/O errors)
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
     cleaned: OrderedDict[str, torch.Tensor] = OrderedDict()
     stripped = 0

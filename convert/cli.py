@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -44,7 +45,7 @@ def _progress_for(size: int, enabled: bool):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("sources", nargs=-1, type=click.Path(path_type=Path, readable=False))
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path),
               help="Output folder (with several inputs: one sub-folder per input). Default: <name>-compressai/")
 @click.option("--family", help="Skip detection and treat the input as this family (dcae, saaf, tcm, tcm_auxt).")
@@ -98,7 +99,9 @@ def _convert_one(src, out_dir, family, output_format, trust_pickle, as_json, ful
         click.echo("lic-convert: WARNING: --unsafe-trust-pickle: the file is fully unpickled and can run code",
                    err=True)
     started = time.perf_counter()
-    source = read_checkpoint(src, trust_pickle=trust_pickle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the warning above already said it, once
+        source = read_checkpoint(src, trust_pickle=trust_pickle)
     bar, progress = _progress_for(source.size_bytes, not as_json)
     try:
         result = api.convert_checkpoint(src, out_dir, family=family, output_format=output_format,

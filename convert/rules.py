@@ -72,19 +72,23 @@ def _to_python(node: yaml.Node, file: str) -> Any:
         seq = _LinedList(_to_python(n, file) for n in node.value)
         seq.line = node.start_mark.line + 1
         return seq
-    return _scalar(node)
+    return _scalar(node, file)
 
 
-def _scalar(node: yaml.ScalarNode) -> Any:
+def _scalar(node: yaml.ScalarNode, file: str) -> Any:
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except Exception as exc:  # an unknown tag (!!python/...) or a tagged value that does not parse
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MappingError(f"cannot read the value {node.value!r} ({node.tag}): {problem}",
+                           file=file, line=node.start_mark.line + 1) from None
     finally:
         loader.dispose()
 
 
 def read_yaml(path: Path, text: str | None = None) -> Any:
-    file = str(path)
+    file = path.name  # errors name the file the way load_mapping does
     try:
         text = path.read_text() if text is None else text
     except OSError as exc:
@@ -543,23 +547,63 @@ def parse_rule(item: Any, file: str, variable_names: set[str], default_line: int
 
 
 def _check_rule_set(rules: list[Rule], file: str) -> None:
-    """Rules that would write the same target key are refused here, before any checkpoint is read."""
-    seen: dict[str, Rule] = {}
-    for rule in rules:
-        if rule.target is None:
-            continue
-        shape = _template_shape(rule.target.text)
-        if shape in seen:
-            other = seen[shape]
-            raise MappingError(
-                f"writes the same target keys as rule {other.name!r} (line {other.line}): {rule.target.text!r}",
-                file=file, line=rule.line, rule=rule.name,
-            )
-        seen[shape] = rule
+    """Refuse, before any checkpoint is read, two rules of one stage that can write the same target key.
+
+    For each pair of rules, a witness key is built from one rule's target (captures filled with
+    sample values); when the other rule's target also produces it, the source keys that both rules
+    would need are rebuilt and the first-match order decides: the rules collide only when each
+    source key really reaches its rule.  So ``{rest}`` after a more specific rule is fine, while a
+    second rule onto the same template, or a literal target another template covers, is refused.
+    """
+    writers = [r for r in rules if r.target is not None]
+    for later_index, later in enumerate(writers):
+        for earlier in writers[:later_index]:
+            for first, second in ((earlier, later), (later, earlier)):
+                witness = _collision_witness(first, second, rules)
+                if witness is not None:
+                    raise MappingError(
+                        f"writes the same target key as rule {earlier.name!r} (line {earlier.line}), "
+                        f"e.g. {witness!r}; make the patterns disjoint",
+                        file=file, line=later.line, rule=later.name,
+                    )
 
 
-def _template_shape(text: str) -> str:
-    """A template with capture names erased: two templates with the same shape write the same keys."""
-    import re
+_SAMPLE_VALUES = {"int": 0, "name": "x", "path": "x"}
 
-    return re.sub(r"\{[^}]*\}", "{}", text)
+
+def _capture_types(rule: Rule) -> dict[str, str]:
+    pattern = rule.source if rule.kind == "map" else rule.for_each
+    types = dict(zip(pattern.names, pattern.types)) if pattern is not None else {}
+    types.update({name: "int" for name, _ in rule.fan_out})
+    return types
+
+
+def _collision_witness(first: Rule, second: Rule, rules: list[Rule]) -> str | None:
+    """A target key that ``first`` and ``second`` would both write, or None when there is none to find."""
+    types = _capture_types(first)
+    key = first.target.format({n: _SAMPLE_VALUES[types.get(n, "path")] for n in first.target.names})
+    found = second.target.match(key)
+    if found is None:
+        return None
+    second_types = _capture_types(second)
+    for name, value in found.items():
+        if second_types.get(name) == "int" and not str(value).isdigit():
+            return None
+    first_values = {n: _SAMPLE_VALUES[types.get(n, "path")] for n in first.target.names}
+    if not (_reaches(first, first_values, rules) and _reaches(second, found, rules)):
+        return None
+    if first.kind == second.kind == "map" and first.source.format(first_values) == second.source.format(found):
+        return None  # one source key, taken by one rule only
+    return key
+
+
+def _reaches(rule: Rule, values: Mapping[str, Any], rules: list[Rule]) -> bool:
+    """Whether the source key behind ``values`` would be taken by ``rule`` (first match wins)."""
+    if rule.kind != "map":
+        return True  # a synthesized key exists whenever its for_each key does
+    fan = {name for name, _ in rule.fan_out}
+    source_key = rule.source.format({k: v for k, v in values.items() if k not in fan})
+    for candidate in rules:
+        if candidate.kind in ("map", "drop") and candidate.match(source_key) is not None:
+            return candidate is rule
+    return False

@@ -30,29 +30,63 @@ SAFETENSORS_DTYPES = {
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success it is fsynced and renamed over ``final``."""
+    """Yield a temporary path beside ``final``; on success it is fsynced and renamed over ``final``.
+
+    On any failure the temporary file is removed and ``final`` is left as it was; an ``OSError``
+    (disk full, file too large, folder not writable) becomes an :class:`OutputError` in one line.
+    """
     final = Path(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        tmp_path = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.close(fd)
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
+        tmp_path = None
         with contextlib.suppress(OSError):
             dir_fd = os.open(final.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-    except BaseException:
+    except OSError as exc:
+        raise OutputError(
+            f"{final}: writing failed ({exc.strerror or exc}); nothing partial was left behind"
+        ) from None
+    finally:
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder while its files are written.
+
+    Two conversions into one folder then run one after the other, so ``model.safetensors`` and
+    ``config.json`` always come from the same run (the last one to take the lock).  The lock is
+    ``flock`` on the folder itself: nothing is left behind, and the kernel drops it when a process
+    dies, so a killed run never blocks the next.  Where folders cannot be locked (some network file
+    systems) the files are still each replaced atomically.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot open the output folder ({exc.strerror})") from None
+    try:
         with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
@@ -120,4 +154,10 @@ def write_torch(path: Path, obj) -> None:
         return value
 
     with atomic_path(path) as tmp:
-        torch.save(own(obj), tmp)
+        try:
+            torch.save(own(obj), tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write this way, without errno
+            if "unexpected pos" not in str(exc) and "write" not in str(exc).lower():
+                raise
+            detail = str(exc).splitlines()[0].rsplit("] . ", 1)[-1][:80]
+            raise OSError(f"torch's writer stopped early: {detail}; is the disk full?") from None
