@@ -47,7 +47,7 @@ def _load_converted(converted: str | Path | None, plan: engine.Plan, source: Sou
 
 def _forward(model, x: torch.Tensor, with_params: bool) -> dict[str, Any]:
     with torch.no_grad():
-        return model(x, return_params=True) if with_params else model(x)
+        return model(x, return_params=True) if with_params else model(x, return_latents=True)
 
 
 def _reference_side(model, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
@@ -70,10 +70,33 @@ def _reference_side(model, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
         forward_x_hat=fwd["x_hat"],
         nbytes=sum(len(s) for group in enc["strings"] for s in group),
         streams=sum(len(group) for group in enc["strings"]),
+        latents=fwd.get("latents"),
     )
 
 
-def _target_side(model, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
+def _decisions_in_context(model, y: torch.Tensor, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The target's rounding and scale-index decisions when it is fed the reference's context.
+
+    Slice ``k`` is predicted from the reference's ``z_hat`` and the reference's decoded earlier slices,
+    so a flip in one slice cannot cascade into the next: every slice is compared on its own.
+    """
+    codec = model.latent_codec.y
+    side = model.latent_codec.h_s(latents["z_hat"])
+    reference_slices = latents["y_hat"].split(codec.groups, dim=1)
+    out: dict[str, list] = {"symbols": [], "indexes": [], "y_minus_means": [], "scales": []}
+    with torch.no_grad():
+        for k, y_slice in enumerate(y.split(codec.groups, dim=1)):
+            leaf = codec.latent_codec[f"y{k}"]
+            scales, means, _ = leaf.split_context(codec.context_params(k, side, reference_slices))
+            gc = leaf.gaussian_conditional
+            out["symbols"].append(torch.round(y_slice - means).int())
+            out["indexes"].append(gc.build_indexes(scales).int())
+            out["y_minus_means"].append(y_slice - means)
+            out["scales"].append(gc.lower_bound_scale(scales))
+    return {k: torch.cat(v, dim=1) for k, v in out.items()}
+
+
+def _target_side(model, x: torch.Tensor, fwd: dict[str, Any], reference: CodedSide) -> CodedSide:
     para = fwd["para"]
     with torch.no_grad():
         enc = model.compress(x, return_symbols=True)
@@ -211,7 +234,7 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
         else:
             reference.update(force=True)
             ref_sides = [_reference_side(reference, img.x, out) for img, out in zip(test_images, ref_out)]
-        tgt_sides = [_target_side(tgt_model, img.x, out) for img, out in zip(test_images, tgt_out)]
+        tgt_sides = [_target_side(tgt_model, img.x, out, ref) for img, out, ref in zip(test_images, tgt_out, ref_sides)]
         timings["coding"] = time.perf_counter() - t
         table = tgt_model.latent_codec.y.latent_codec["y0"].gaussian_conditional.scale_table
         if "T2" in wanted:

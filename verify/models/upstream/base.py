@@ -163,7 +163,8 @@ class UpstreamSliceModel(CompressionModel):
 
     # ----------------------------------------------------------------- public API
 
-    def forward(self, x: Tensor) -> dict[str, Any]:
+    def forward(self, x: Tensor, return_latents: bool = False) -> dict[str, Any]:
+        """Upstream's outputs; ``return_latents`` adds ``{"y_hat", "z_hat"}`` (for the verifier)."""
         self.check_input_size(x)
         y = self.analysis(x)
         z = self.hyper_analysis(y)
@@ -195,6 +196,8 @@ class UpstreamSliceModel(CompressionModel):
             "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods},
             "para": {"means": torch.cat(means, dim=1), "scales": torch.cat(scales, dim=1), "y": y},
         }
+        if return_latents:
+            result["latents"] = {"y_hat": torch.cat(decoded, dim=1), "z_hat": z_hat}
         result.update(extras)
         return result
 
