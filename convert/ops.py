@@ -40,6 +40,9 @@ class Op:
         return set()
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int32, torch.int64)
+
+
 def _env_with_shape(env: Mapping[str, Any], tensor: torch.Tensor) -> dict[str, Any]:
     return {**env, "shape": list(tensor.shape), "ndim": tensor.dim()}
 
@@ -68,6 +71,15 @@ class SwapBlocks(Op):
 
     def apply(self, tensor, env):
         a, b = self._sizes(tensor, env)
+        if tensor.is_meta:  # planning: the shape is unchanged (torch.cat on meta pulls in torch._dynamo)
+            return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        if tensor.dtype in _NUMPY_DTYPES:
+            # numpy copies the blocks in one thread; torch's threaded cat is slower on small machines
+            import numpy as np
+
+            array = tensor.detach().cpu().numpy()
+            first, second, rest = np.split(array, [a, a + b], axis=self.dim)
+            return torch.from_numpy(np.concatenate([second, first, rest], axis=self.dim))
         first, second, rest = torch.split(tensor, [a, b, tensor.shape[self.dim] - a - b], dim=self.dim)
         return torch.cat([second, first, rest], dim=self.dim)
 

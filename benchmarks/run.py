@@ -1,0 +1,496 @@
+"""Performance benchmarks for lic-convert (and lic-verify when it is installed).
+
+Run by hand, not by pytest::
+
+    python benchmarks/run.py            # medians of 5 runs after a warm-up
+    python benchmarks/run.py --quick    # 3 runs, fewer checkpoints
+
+Every measured command runs in its own child process.  Wall time is taken around the child, peak
+memory is the child's ``ru_maxrss`` as returned by ``os.wait4`` (so each number belongs to exactly one
+process).  The parent imports nothing heavier than the standard library, so it never competes with
+the children for memory.  Child roles (``--child ROLE``) live in this same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+THIS = Path(__file__).resolve()
+FULL_SET = ("dcae", "saaf", "tcm_n128")
+QUICK_SET = ("dcae",)
+SMALL, LARGE = "tcm_n64", "dcae"  # the two sizes of the scaling section
+VERIFY_MODEL = "tcm_n64"  # the smallest model keeps the verify section inside the time budget
+MB = 1e6
+
+TARGETS = {
+    "lic-convert wall / naive wall": 0.8,  # at most
+    "conversion throughput / raw copy throughput": 0.5,  # at least
+    "lic-convert peak RSS / naive peak RSS": 0.7,  # at most
+    "lic-verify peak RSS / single-model peak RSS": 1.3,  # at most
+    "lic-verify time / bare model runs": 1.15,  # at most
+    "per-file speed-up of one call for many files": 1.2,  # at least
+}
+AT_LEAST = {"conversion throughput / raw copy throughput", "per-file speed-up of one call for many files"}
+
+
+# --- measuring child processes ------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One child process: wall seconds, peak resident memory in MB, and the JSON line it printed (if any)."""
+
+    wall: float
+    peak_mb: float
+    report: dict = field(default_factory=dict)
+
+
+def run_child(argv: Sequence[str], *, env: dict | None = None) -> Sample:
+    """Run ``argv`` to completion and return its own wall time and peak RSS (``wait4`` rusage)."""
+    # Output goes to files, not pipes: the child is reaped with os.wait4 (not Popen.wait) to get its
+    # own rusage, and nothing may block on a full pipe meanwhile.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    report = {}
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            report = json.loads(line)
+            break
+    return Sample(wall, usage.ru_maxrss / 1024, report)  # Linux reports ru_maxrss in KiB
+
+
+def child_argv(role: str, *args: object) -> list[str]:
+    return [sys.executable, str(THIS), "--child", role, *map(str, args)]
+
+
+def interleaved(runs: int, makers: dict[str, Callable[[], Sample]],
+                cleanup: Callable[[], None] = lambda: None) -> dict[str, list[Sample]]:
+    """One unmeasured warm-up round, then ``runs`` rounds that run every maker once, in turn.
+
+    Taking the commands in turn (a, b, c, a, b, c, ...) spreads any change in the machine's load
+    over all of them instead of penalising whichever ran last.  ``cleanup`` runs, untimed, after each.
+    """
+    samples: dict[str, list[Sample]] = {name: [] for name in makers}
+    for round_ in range(runs + 1):
+        for name, make in makers.items():
+            sample = make()
+            cleanup()
+            if round_:
+                samples[name].append(sample)
+    return samples
+
+
+def median(samples: list[Sample], what: Callable[[Sample], float]) -> float:
+    return statistics.median(what(s) for s in samples)
+
+
+def fmt_runs(samples: list[Sample], what: Callable[[Sample], float], unit: str) -> str:
+    values = " ".join(f"{what(s):.2f}" for s in samples)
+    return f"median {median(samples, what):8.2f} {unit}  (runs: {values})"
+
+
+def load_note() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def console_script(name: str) -> str:
+    """The real entry-point script (not a version-manager shim, whose start-up is not ours to measure)."""
+    candidate = Path(sysconfig.get_path("scripts")) / name
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} is not installed; run pip install -e . first")
+    return found
+
+
+# --- child roles ------------------------------------------------------------------------------------
+
+
+def child_synthesize(folder: str, *names: str) -> None:
+    """Write the full-size demo checkpoints and two test images (256 and 512 pixels square)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lic_checkpoints.convert import demo
+    from lic_checkpoints.verify import images
+
+    for name in names:
+        path = Path(folder) / f"{name}.pth.tar"
+        if not path.exists():
+            demo.demo_checkpoint(name, path)
+    for size in (256, 512):
+        save_file({"x": images.synthetic(0, size, size)}, str(Path(folder) / f"image{size}.safetensors"))
+    del torch
+
+
+def child_naive(src: str, out_dir: str) -> None:
+    """The obvious converter: load everything, rename in a dict, clone what the rules change, save_file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lic_checkpoints.convert import api, engine
+    from lic_checkpoints.convert.checkpoint import SourceCheckpoint
+
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    state = {k.replace("module.", ""): v for k, v in checkpoint["state_dict"].items()}
+    source = SourceCheckpoint(Path(src), state, "torch-zip", "state_dict")
+    _, plan = api.plan_conversion(source)
+    converted = {}
+    for step in plan.steps:
+        if step.action == "rename":
+            converted[step.target] = state[step.sources[0]]
+        else:
+            converted[step.target] = engine.tensor(step, state).clone()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_file(converted, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def child_timed_convert(src: str, out_dir: str) -> None:
+    """Time only ``api.convert_checkpoint`` (from opening the source to closing the output)."""
+    import torch  # noqa: F401 - imported before the clock starts
+
+    from lic_checkpoints.convert import api
+
+    started = time.perf_counter()
+    result = api.convert_checkpoint(src, out_dir)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "bytes_written": result.bytes_written}))
+
+
+def child_timed_copy(src: str, dst: str) -> None:
+    """Time a raw copy of the file (``shutil.copyfile``) and, separately, the fsync that makes it durable."""
+    started = time.perf_counter()
+    shutil.copyfile(src, dst)
+    copied = time.perf_counter() - started
+    with open(dst, "rb") as fh:
+        os.fsync(fh.fileno())
+    print(json.dumps({"seconds": copied, "seconds_with_fsync": time.perf_counter() - started}))
+
+
+def _family_of(name: str) -> str:
+    return "tcm" if name.startswith("tcm_n") else "tcm_auxt" if name.startswith("tcm_auxt") else name
+
+
+def child_bare_model(side: str, name: str, checkpoint: str, converted_dir: str, image: str) -> None:
+    """Load one model the ordinary way (constructor + load_state_dict) and run one forward pass."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lic_checkpoints.convert import api
+    from lic_checkpoints.convert.checkpoint import read_checkpoint
+    from lic_checkpoints.verify.builders import canonical_upstream_names, upstream_class
+    from lic_checkpoints.verify.models.compressai.installed import target_class
+
+    torch.set_num_threads(2)
+    x = load_file(image)["x"]
+    family = _family_of(name)
+    started = time.perf_counter()
+    detection, _ = api.plan_conversion(read_checkpoint(checkpoint))
+    if side == "upstream":
+        model = upstream_class(family)(**detection.variant.upstream_kwargs)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict(canonical_upstream_names(state))
+    else:
+        model = target_class(family)(**detection.variant.target_kwargs)
+        model.load_state_dict(load_file(str(Path(converted_dir) / api.MODEL_FILE)))
+    loaded = time.perf_counter()
+    with torch.no_grad():
+        model.eval()(x)
+    done = time.perf_counter()
+    print(json.dumps({"seconds": done - started, "load": loaded - started, "forward": done - loaded}))
+
+
+def child_timed_verify(checkpoint: str, converted_dir: str, image: str, tiers: str) -> None:
+    import torch
+
+    from lic_checkpoints.verify.api import verify_checkpoint
+
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    report = verify_checkpoint(checkpoint, converted_dir, images=image, tiers=tiers.split(","))
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "timings": getattr(report, "timings", {})}))
+
+
+CHILD_ROLES = {
+    "synthesize": child_synthesize,
+    "naive": child_naive,
+    "timed-convert": child_timed_convert,
+    "timed-copy": child_timed_copy,
+    "bare-model": child_bare_model,
+    "timed-verify": child_timed_verify,
+}
+
+
+# --- benchmark sections ---------------------------------------------------------------------------
+
+
+class Bench:
+    """Holds the work folder, the run count and every ratio measured, for the final summary."""
+
+    def __init__(self, work: Path, runs: int) -> None:
+        self.work = work
+        self.runs = runs
+        self.ratios: dict[str, list[tuple[str, float]]] = {}
+        self.lic_convert = console_script("lic-convert")
+
+    def checkpoint(self, name: str) -> Path:
+        return self.work / f"{name}.pth.tar"
+
+    def size_mb(self, name: str) -> float:
+        return self.checkpoint(name).stat().st_size / MB
+
+    def out(self, tag: str) -> Path:
+        return self.work / "out" / tag
+
+    def clean_out(self) -> None:
+        shutil.rmtree(self.work / "out", ignore_errors=True)
+        (self.work / "out").mkdir()
+
+    def record(self, target: str, label: str, value: float) -> None:
+        self.ratios.setdefault(target, []).append((label, value))
+
+    def measure(self, commands: dict[str, Callable[[], list[str]]]) -> dict[str, list[Sample]]:
+        makers = {name: (lambda argv_for=argv_for: run_child(argv_for())) for name, argv_for in commands.items()}
+        return interleaved(self.runs, makers, self.clean_out)
+
+
+def section_single_file(bench: Bench, name: str) -> dict[str, list[Sample]]:
+    size = bench.size_mb(name)
+    src = bench.checkpoint(name)
+    print(f"\n== {name}: {size:.1f} MB  ({load_note()})")
+    copy_cmd = (lambda: ["cp", str(src), str(bench.out("copy.bin"))]) if shutil.which("cp") else (
+        lambda: child_argv("timed-copy", src, bench.out("copy.bin")))
+    got = bench.measure({
+        "copy": copy_cmd,
+        "naive": lambda: child_argv("naive", src, bench.out("naive")),
+        "ours": lambda: [bench.lic_convert, str(src), "-o", str(bench.out("lic"))],
+        "inproc": lambda: child_argv("timed-convert", src, bench.out("inproc")),
+        "raw": lambda: child_argv("timed-copy", src, bench.out("copy.bin")),
+    })
+    copy, naive, ours, inproc, raw = (got[k] for k in ("copy", "naive", "ours", "inproc", "raw"))
+    wall, peak = (lambda s: s.wall), (lambda s: s.peak_mb)
+    for label, samples in (("(a) raw copy (cp)", copy), ("(b) naive converter", naive), ("(c) lic-convert", ours)):
+        print(f"  {label:24s} wall {fmt_runs(samples, wall, 's')}")
+        print(f"  {'':24s} peak {fmt_runs(samples, peak, 'MB')}")
+    for what, fn in (("wall", wall), ("peak RSS", peak)):
+        c_a = median(ours, fn) / median(copy, fn)
+        c_b = median(ours, fn) / median(naive, fn)
+        print(f"  ratio {what:9s} (c)/(a) = {c_a:6.2f}   (c)/(b) = {c_b:5.2f}")
+    bench.record("lic-convert wall / naive wall", name, median(ours, wall) / median(naive, wall))
+    bench.record("lic-convert peak RSS / naive peak RSS", name, median(ours, peak) / median(naive, peak))
+
+    seconds = lambda s: s.report["seconds"]  # noqa: E731
+    synced = lambda s: s.report["seconds_with_fsync"]  # noqa: E731
+    conv_rate = size / median(inproc, seconds)
+    copy_rate, synced_rate = size / median(raw, seconds), size / median(raw, synced)
+    print(f"  convert_checkpoint in-process  {fmt_runs(inproc, seconds, 's')}  -> {conv_rate:7.1f} MB/s")
+    print(f"  copyfile in-process            {fmt_runs(raw, seconds, 's')}  -> {copy_rate:7.1f} MB/s")
+    print(f"  copyfile + fsync in-process    {fmt_runs(raw, synced, 's')}  -> {synced_rate:7.1f} MB/s")
+    print(f"  throughput ratio conversion / copy = {conv_rate / copy_rate:.2f}"
+          f"   conversion / (copy + fsync) = {conv_rate / synced_rate:.2f}")
+    bench.record("conversion throughput / raw copy throughput", name, conv_rate / copy_rate)
+    return {"copy": copy, "naive": naive, "ours": ours, "inproc": inproc, "raw": raw}
+
+
+def section_many_files(bench: Bench, names: Sequence[str]) -> None:
+    folder = bench.work / "many"
+    folder.mkdir(exist_ok=True)
+    sources = []
+    for i, name in enumerate(names):  # distinct file names, so each input gets its own output folder
+        link = folder / f"{i}_{name}.pth.tar"
+        if not link.exists():
+            link.symlink_to(bench.checkpoint(name))
+        sources.append(str(link))
+    total_mb = sum(bench.size_mb(n) for n in names)
+    print(f"\n== many files in one call: {', '.join(names)} ({total_mb:.0f} MB)  ({load_note()})")
+
+    def separate() -> Sample:
+        parts = [run_child([bench.lic_convert, s, "-o", str(bench.out(f"sep{i}"))]) for i, s in enumerate(sources)]
+        return Sample(sum(p.wall for p in parts), max(p.peak_mb for p in parts))
+
+    got = interleaved(bench.runs, {
+        "one call": lambda: run_child([bench.lic_convert, *sources, "-o", str(bench.out("many"))]),
+        "separate": separate,
+    }, bench.clean_out)
+    one_call, apart = got["one call"], got["separate"]
+    per_one = median(one_call, lambda s: s.wall) / len(sources)
+    per_apart = median(apart, lambda s: s.wall) / len(sources)
+    print(f"  one call, {len(sources)} files     wall {fmt_runs(one_call, lambda s: s.wall, 's')}")
+    print(f"  {len(sources)} separate processes   wall {fmt_runs(apart, lambda s: s.wall, 's')}")
+    print(f"  per file: one call {per_one:.2f} s, separate {per_apart:.2f} s -> speed-up {per_apart / per_one:.2f}x")
+    print(f"  peak RSS: one call {median(one_call, lambda s: s.peak_mb):.0f} MB, "
+          f"largest separate {median(apart, lambda s: s.peak_mb):.0f} MB")
+    bench.record("per-file speed-up of one call for many files", "+".join(names), per_apart / per_one)
+
+
+def section_scaling(bench: Bench, inproc: dict[str, list[Sample]]) -> None:
+    print(f"\n== time against work: {SMALL} vs {LARGE}  ({load_note()})")
+    rows = []
+    for name in (SMALL, LARGE):
+        samples = inproc.get(name) or bench.measure(
+            {name: lambda: child_argv("timed-convert", bench.checkpoint(name), bench.out("inproc"))})[name]
+        seconds = median(samples, lambda s: s.report["seconds"])
+        rows.append((name, bench.size_mb(name), seconds))
+        print(f"  {name:9s} {bench.size_mb(name):7.1f} MB  convert_checkpoint {seconds:6.2f} s  "
+              f"({bench.size_mb(name) / seconds:6.1f} MB/s)")
+    (_, s1, t1), (_, s2, t2) = rows
+    slope = (t2 - t1) / (s2 - s1)
+    print(f"  marginal cost {slope * 1000:.2f} ms/MB ({1 / slope if slope > 0 else float('inf'):.0f} MB/s), "
+          f"fixed cost {t1 - slope * s1:.2f} s; size x{s2 / s1:.2f} -> time x{t2 / t1:.2f}")
+
+
+def verify_available() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import lic_checkpoints.verify.api"], capture_output=True)
+    return probe.returncode == 0
+
+
+def section_verify(bench: Bench, sizes: Sequence[int]) -> None:
+    print(f"\n== lic-verify on {VERIFY_MODEL}  ({load_note()})")
+    if not verify_available():
+        print("  skipped: lic-verify not available")
+        return
+    src = bench.checkpoint(VERIFY_MODEL)
+    converted = bench.work / f"{VERIFY_MODEL}-converted"
+    if not converted.exists():
+        run_child([bench.lic_convert, str(src), "-o", str(converted)])
+    for size in sizes:
+        image = bench.work / f"image{size}.safetensors"
+        got = bench.measure({
+            "verify": lambda: child_argv("timed-verify", src, converted, image, "T0,T1"),
+            "upstream": lambda: child_argv("bare-model", "upstream", VERIFY_MODEL, src, converted, image),
+            "target": lambda: child_argv("bare-model", "target", VERIFY_MODEL, src, converted, image),
+        })
+        verify, upstream, target = got["verify"], got["upstream"], got["target"]
+        inside = lambda s: s.report["seconds"]  # noqa: E731
+        print(f"  {size}x{size}, tiers T0,T1")
+        for label, samples in (("lic-verify", verify), ("bare upstream model", upstream), ("bare target model", target)):
+            print(f"    {label:20s} process wall {fmt_runs(samples, lambda s: s.wall, 's')}")
+            print(f"    {'':20s} in-process   {fmt_runs(samples, inside, 's')}")
+            print(f"    {'':20s} peak         {fmt_runs(samples, lambda s: s.peak_mb, 'MB')}")
+        forward = lambda s: s.report["forward"]  # noqa: E731
+        parts = verify[len(verify) // 2].report.get("timings") or {}
+        if parts:
+            print("    lic-verify's own timings (one run): " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
+        print(f"    forward passes alone: upstream {fmt_runs(upstream, forward, 's')}")
+        print(f"                          target   {fmt_runs(target, forward, 's')}")
+        peak_ratio = median(verify, lambda s: s.peak_mb) / median(upstream, lambda s: s.peak_mb)
+        loads_and_runs = median(upstream, inside) + median(target, inside)
+        runs_only = median(upstream, forward) + median(target, forward)
+        time_ratio = median(verify, inside) / runs_only
+        print(f"    peak ratio lic-verify / single model = {peak_ratio:.2f}")
+        print(f"    time ratio lic-verify / (upstream + target forward passes) = {time_ratio:.2f}"
+              f"   / (their loads + forward passes) = {median(verify, inside) / loads_and_runs:.2f}")
+        bench.record("lic-verify peak RSS / single-model peak RSS", f"{VERIFY_MODEL} {size}px", peak_ratio)
+        bench.record("lic-verify time / bare model runs", f"{VERIFY_MODEL} {size}px", time_ratio)
+
+
+def print_summary(bench: Bench) -> None:
+    print(f"\n== targets  ({load_note()})")
+    for target, limit in TARGETS.items():
+        got = bench.ratios.get(target)
+        if not got:
+            print(f"  {target:48s} not measured")
+            continue
+        at_least = target in AT_LEAST
+        for label, value in got:
+            met = value >= limit if at_least else value <= limit
+            sign = ">=" if at_least else "<="
+            print(f"  {target:48s} {label:18s} {value:6.2f}  (target {sign} {limit})  {'met' if met else 'NOT MET'}")
+
+
+def describe_machine() -> None:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), "0")
+    versions = subprocess.run(
+        [sys.executable, "-c", "import torch, compressai, safetensors, platform; "
+         "print(platform.python_version(), torch.__version__, compressai.__version__, safetensors.__version__)"],
+        capture_output=True, text=True).stdout.split()
+    print(f"machine: {os.cpu_count()} CPUs ({cpu}), {int(mem) / 1024 / 1024:.1f} GiB memory")
+    if len(versions) == 4:
+        print("python {} torch {} compressai {} safetensors {}".format(*versions))
+    print(load_note())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 runs, only DCAE for the single-file section, verify at 256 px only")
+    parser.add_argument("--runs", type=int, default=None, help="measured runs per number (default 5; 3 with --quick)")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--sections", default="single,many,scaling,verify",
+                        help="comma-separated subset of single,many,scaling,verify")
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up even when the output goes to a file
+    runs = args.runs or (3 if args.quick else 5)
+    sections = set(args.sections.split(","))
+    started = time.perf_counter()
+    describe_machine()
+    with tempfile.TemporaryDirectory(prefix="lic-bench-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        bench = Bench(work, runs)
+        bench.clean_out()
+        single = QUICK_SET if args.quick else FULL_SET
+        many = (SMALL,) * 4  # per-process costs are what this section measures: the smallest file shows them best
+        print(f"synthesizing {', '.join(sorted({*single, *many, SMALL, LARGE, VERIFY_MODEL}))} into {work} ...")
+        run_child(child_argv("synthesize", work, *sorted({*single, *many, SMALL, LARGE, VERIFY_MODEL})))
+        print(f"runs per number: {runs} (after one warm-up)")
+        inproc: dict[str, list[Sample]] = {}
+        section_started = time.perf_counter()
+
+        def done(section: str) -> None:
+            nonlocal section_started
+            print(f"  [{section}: {time.perf_counter() - section_started:.0f} s]")
+            section_started = time.perf_counter()
+
+        if "single" in sections:
+            for name in single:
+                inproc[name] = section_single_file(bench, name)["inproc"]
+                done(name)
+        if "many" in sections:
+            section_many_files(bench, many)
+            done("many files")
+        if "scaling" in sections:
+            section_scaling(bench, inproc)
+            done("scaling")
+        if "verify" in sections:
+            try:
+                section_verify(bench, (256,) if args.quick else (256, 512))
+            except RuntimeError as exc:  # lic-verify is importable but failed: report it, keep the rest
+                print(f"  lic-verify failed, section not measured: {str(exc).strip().splitlines()[-1]}")
+            done("verify")
+        print_summary(bench)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        CHILD_ROLES[sys.argv[2]](*sys.argv[3:])
+    else:
+        main()
