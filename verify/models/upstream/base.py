@@ -87,16 +87,16 @@ class UpstreamSliceModel(CompressionModel):
     # ----------------------------------------------------------------- subclass interface
 
     def analysis(self, x: Tensor) -> Tensor:
-        """Image -> latent ``y`` (g_a, including any auxiliary branch)."""
-        raise NotImplementedError
+        """Image -> latent ``y``: ``g_a`` (a subclass adds any auxiliary branch)."""
+        return self.g_a(x)
 
     def synthesis(self, y_hat: Tensor) -> Tensor:
-        """Quantised latent -> unclamped reconstruction (g_s, including any auxiliary branch)."""
-        raise NotImplementedError
+        """Quantised latent -> unclamped reconstruction: ``g_s`` (a subclass adds any auxiliary branch)."""
+        return self.g_s(y_hat)
 
     def hyper_analysis(self, y: Tensor) -> Tensor:
-        """Latent ``y`` -> hyper-latent ``z``."""
-        raise NotImplementedError
+        """Latent ``y`` -> hyper-latent ``z``: ``h_a``."""
+        return self.h_a(y)
 
     def hyper_synthesis(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         """Quantised hyper-latent -> ``(latent_means, latent_scales)``."""

@@ -131,15 +131,6 @@ class DCAE(UpstreamSliceModel):
 
     # ------------------------------------------------------------------ slice-loop interface
 
-    def analysis(self, x: Tensor) -> Tensor:
-        return self.g_a(x)
-
-    def synthesis(self, y_hat: Tensor) -> Tensor:
-        return self.g_s(y_hat)
-
-    def hyper_analysis(self, y: Tensor) -> Tensor:
-        return self.h_a(y)
-
     def hyper_synthesis(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         return self.h_z_s2(z_hat), self.h_z_s1(z_hat)
 

@@ -132,15 +132,6 @@ class TCM(UpstreamSliceModel):
 
     # ------------------------------------------------------------------ slice-model interface
 
-    def analysis(self, x: Tensor) -> Tensor:
-        return self.g_a(x)
-
-    def synthesis(self, y_hat: Tensor) -> Tensor:
-        return self.g_s(y_hat)
-
-    def hyper_analysis(self, y: Tensor) -> Tensor:
-        return self.h_a(y)
-
     def hyper_synthesis(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         latent_scales = self.h_scale_s(z_hat)
         latent_means = self.h_mean_s(z_hat)
