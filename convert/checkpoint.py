@@ -12,8 +12,10 @@ import hashlib
 import io
 import os
 import re
+import struct
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +70,7 @@ def _check_path(path: Path) -> None:
         raise CheckpointError(f"{path}: the file is empty; download it again")
 
 
-def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str]:
+def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str, str | None]:
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
         with open(path, "rb") as fh:
@@ -86,37 +88,88 @@ def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str]:
             stacklevel=3,
         )
     try:
-        if is_zip:
-            _verify_zip_members(path)
+        sha256 = _verify_zip_members(path) if is_zip else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's own chatter about pickle protocols is not for users
             obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
-        return obj, file_format
+        return obj, file_format, sha256
     except CheckpointError:
         raise
     except Exception as exc:  # torch raises many types for bad input; translate them all
         raise CheckpointError(_describe_load_failure(path, exc, is_zip)) from None
 
 
-def _verify_zip_members(path: Path) -> None:
-    """Check every member of a torch zip against its CRC.
+def _verify_zip_members(path: Path) -> str:
+    """Check every member of a torch zip against its CRC; return the file's sha256 from the same pass.
 
     torch maps tensor records straight from the file and never checks their CRC, so a flipped or
-    cut record would otherwise load as silently wrong weights.
+    cut record would otherwise load as silently wrong weights.  torch stores its records
+    uncompressed, so one sequential read feeds both the per-record CRC32 and the whole-file sha256.
     """
     try:
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+            infos = archive.infolist()
+            if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
+                damaged = archive.testzip()  # not written by torch: let zipfile decompress and check
+                if damaged is not None:
+                    raise CheckpointError(
+                        f"{path}: the zip record {damaged!r} is damaged (CRC check failed); download the file again"
+                    )
+                return file_sha256(path)
+        ranges = _record_ranges(path, infos)
+    except CheckpointError:
+        raise
     except OSError:  # a record shorter or longer than the directory says sends reads off the file
         raise CheckpointError(
             f"{path}: broken zip archive (its records do not match its directory); download the file again"
         ) from None
     except Exception as exc:  # BadZipFile, EOFError, zlib and struct errors all mean the same here
         raise CheckpointError(f"{path}: broken zip archive ({exc}); download the file again") from None
-    if damaged is not None:
-        raise CheckpointError(
-            f"{path}: the zip record {damaged!r} is damaged (CRC check failed); download the file again"
-        )
+    digest = hashlib.sha256()
+    crcs = [0] * len(ranges)
+    current, pos = 0, 0
+    with open(path, "rb") as fh:
+        while block := fh.read(_CHUNK):
+            view = memoryview(block)
+            end = pos + len(block)
+            while current < len(ranges) and ranges[current][0] < end:
+                start, stop, _ = ranges[current]
+                lo, hi = max(start, pos), min(stop, end)
+                if lo < hi:
+                    crcs[current] = zlib.crc32(view[lo - pos: hi - pos], crcs[current])
+                if stop > end:
+                    break
+                current += 1
+            digest.update(view)
+            pos = end
+    for (_, _, info), crc in zip(ranges, crcs):
+        if crc != info.CRC:
+            raise CheckpointError(
+                f"{path}: the zip record {info.filename!r} is damaged (CRC check failed); download the file again"
+            )
+    return digest.hexdigest()
+
+
+_CHUNK = 1 << 22
+
+
+def _record_ranges(path: Path, infos) -> list[tuple[int, int, zipfile.ZipInfo]]:
+    """Byte range of each member's data in the file (after its local header), in file order."""
+    size = path.stat().st_size
+    ranges = []
+    with open(path, "rb") as fh:
+        for info in infos:
+            fh.seek(info.header_offset)
+            head = fh.read(30)
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                raise OSError("local header missing")
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            if start + info.compress_size > size:
+                raise OSError("record runs past the end of the file")
+            ranges.append((start, start + info.compress_size, info))
+    ranges.sort(key=lambda r: r[0])
+    return ranges
 
 
 _SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "collections.Counter", "_codecs.encode",
@@ -221,12 +274,13 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> S
     path = Path(path)
     _check_path(path)
     metadata: dict[str, str] = {}
+    sha256 = None  # known after reading a torch zip (computed in the same pass as its CRC checks)
     try:
         if path.name.endswith(".safetensors"):
             state_dict, metadata = _load_safetensors(path)
             entry, ignored, file_format = None, [], "safetensors"
         else:
-            obj, file_format = _load_torch(path, trust_pickle)
+            obj, file_format, sha256 = _load_torch(path, trust_pickle)
             state_dict, entry, ignored = _find_state_dict(obj, path)
     except OSError as exc:  # permission checks can pass and reads still fail (ACLs, I/O errors)
         raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
@@ -257,4 +311,5 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> S
         stripped_prefix_keys=stripped,
         metadata=metadata,
         size_bytes=path.stat().st_size,
+        _sha256=sha256,
     )
