@@ -40,6 +40,8 @@ DEFAULT_FEATURE_DIMS = (96, 144, 256)
 DEFAULT_BLOCK_NUM = (1, 2, 12)
 #: Indices of the three attention stages inside g_a (widths fd0, fd1, fd2) and g_s (fd2, fd1, fd0).
 STAGE_INDICES = (1, 3, 5)
+
+
 def analysis_transform(
     stage: type[AttentionStage],
     feature_dims: Sequence[int],
