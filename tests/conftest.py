@@ -89,3 +89,27 @@ ENTROPY_TABLES = (
     "gaussian_conditional._cdf_length",
     "gaussian_conditional.scale_table",
 )
+
+#: fixtures/README.md section 6: the forward tolerances recorded with the golden data
+FORWARD_TOL = dict(rtol=1e-4, atol=1e-4)
+LIKELIHOOD_TOL = dict(rtol=0.0, atol=1e-5)
+
+
+def assert_forward_matches_fixture(name: str, out: dict) -> dict[str, float]:
+    """Compare a forward output (upstream's dict shape, with ``para``) with the fixture; max |diff| per tensor."""
+    expected = fixture_expected(name)
+    produced = {
+        "x_hat": out["x_hat"],
+        "y": out["para"]["y"],
+        "means": out["para"]["means"],
+        "scales": out["para"]["scales"],
+        "likelihoods_y": out["likelihoods"]["y"],
+        "likelihoods_z": out["likelihoods"]["z"],
+    }
+    diffs = {}
+    for key, value in produced.items():
+        assert value.shape == expected[key].shape, key
+        tol = LIKELIHOOD_TOL if key.startswith("likelihoods") else FORWARD_TOL
+        diffs[key] = (value - expected[key]).abs().max().item()
+        assert torch.allclose(value, expected[key], **tol), (key, diffs[key])
+    return diffs

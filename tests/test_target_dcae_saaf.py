@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import TARGETS_DIR, fixture_expected, fixture_input, fixture_manifest, upstream_checkpoint
+from conftest import FORWARD_TOL, assert_forward_matches_fixture, TARGETS_DIR, fixture_expected, fixture_input, fixture_manifest, upstream_checkpoint
 from lic_checkpoints.convert import api
 from lic_checkpoints.verify.models.compressai.compat import IncompatibleStateDictError
 from lic_checkpoints.verify.models.compressai.dcae import DCAE
@@ -24,8 +24,6 @@ from lic_checkpoints.verify.models.compressai.installed import target_class
 from lic_checkpoints.verify.models.compressai.saaf import SAAF
 
 FAMILIES = ("dcae", "saaf")
-FORWARD_TOL = dict(rtol=1e-4, atol=1e-4)  # fixtures/README.md section 6
-LIKELIHOOD_TOL = dict(rtol=0.0, atol=1e-5)
 TABLES = ("_quantized_cdf", "_offset", "_cdf_length")
 #: How far our total string size may drift from upstream's: master writes one rANS stream per
 #: slice where upstream writes one for all slices, a few bytes of flush overhead each.
@@ -164,20 +162,7 @@ def test_wrong_variant_is_refused_with_a_clear_message(run: Run) -> None:
 def test_forward_matches_upstream(run: Run) -> None:
     expected = fixture_expected(run.name)
     out = run.forward
-    produced = {
-        "x_hat": out["x_hat"],
-        "y": out["para"]["y"],
-        "means": out["para"]["means"],
-        "scales": out["para"]["scales"],
-        "likelihoods_y": out["likelihoods"]["y"],
-        "likelihoods_z": out["likelihoods"]["z"],
-    }
-    diffs = {}
-    for key, value in produced.items():
-        assert value.shape == expected[key].shape, key
-        tol = LIKELIHOOD_TOL if key.startswith("likelihoods") else FORWARD_TOL
-        diffs[key] = _max_abs(value, expected[key])
-        assert torch.allclose(value, expected[key], **tol), (key, diffs[key])
+    diffs = assert_forward_matches_fixture(run.name, out)
     print(f"\n{run.name} forward max|ours - upstream|: {diffs}")
     if run.name == "saaf":
         assert torch.equal(out["diffusion_loss"], expected["diffusion_loss"])  # 0 in eval

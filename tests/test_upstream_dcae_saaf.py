@@ -8,13 +8,11 @@ import pytest
 import torch
 from compressai.models.base import get_scale_table
 
-from conftest import ENTROPY_TABLES, fixture_expected, fixture_input, fixture_manifest, upstream_state_dict
+from conftest import FORWARD_TOL, assert_forward_matches_fixture, ENTROPY_TABLES, fixture_expected, fixture_input, fixture_manifest, upstream_state_dict
 from lic_checkpoints.verify.models.upstream.dcae import DCAE
 from lic_checkpoints.verify.models.upstream.saaf import SAAF
 
 MODELS = {"dcae": DCAE, "saaf": SAAF}
-FORWARD_TOL = dict(rtol=1e-4, atol=1e-4)  # fixtures/README.md section 6
-LIKELIHOOD_TOL = dict(rtol=0.0, atol=1e-5)
 
 
 @dataclass
@@ -98,20 +96,7 @@ def test_upstream_state_dict_loads_strictly(run: Run) -> None:
 def test_forward_matches_upstream(run: Run) -> None:
     expected = fixture_expected(run.name)
     out = run.forward
-    produced = {
-        "x_hat": out["x_hat"],
-        "y": out["para"]["y"],
-        "means": out["para"]["means"],
-        "scales": out["para"]["scales"],
-        "likelihoods_y": out["likelihoods"]["y"],
-        "likelihoods_z": out["likelihoods"]["z"],
-    }
-    diffs = {}
-    for key, value in produced.items():
-        assert value.shape == expected[key].shape, key
-        tol = LIKELIHOOD_TOL if key.startswith("likelihoods") else FORWARD_TOL
-        diffs[key] = _max_abs(value, expected[key])
-        assert torch.allclose(value, expected[key], **tol), (key, diffs[key])
+    diffs = assert_forward_matches_fixture(run.name, out)
     print(f"{run.name} forward max|diff|: {diffs}")
     if run.name == "saaf":
         loss = out["diffusion_loss"]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lic_checkpoints.convert.errors import LicError
 
-__all__ = ["IncompatibleStateDictError", "describe_mismatch", "guess_layout", "require_key"]
+__all__ = ["FromStateDict", "IncompatibleStateDictError", "describe_mismatch", "guess_layout", "require_key"]
 
 #: Entropy-model buffers whose size follows ``update()``; CompressionModel resizes them on load.
 _TABLE_BUFFER = re.compile(r"(gaussian_conditional|entropy_bottleneck)\.(_quantized_cdf|_offset|_cdf_length|scale_table)$")
@@ -89,3 +89,15 @@ def require_key(state_dict: Mapping[str, Tensor], key: str, family: str) -> Tens
         raise IncompatibleStateDictError(
             f"cannot infer the {family} configuration: the state dict has no {key!r}"
         ) from None
+
+
+class FromStateDict:
+    """``from_state_dict`` for a model class that defines ``check_family`` and ``infer_kwargs``."""
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor]):
+        """Build the model a CompressAI-layout state dict describes and load it strictly."""
+        cls.check_family(state_dict)
+        model = cls(**cls.infer_kwargs(state_dict))
+        model.load_state_dict(state_dict, strict=True)
+        return model

@@ -28,7 +28,7 @@ from ..blocks.residual_bottleneck import (
     ResidualBottleneckBlockWithUpsample,
 )
 from ..blocks.slice_transforms import SliceTransform
-from .compat import IncompatibleStateDictError, describe_mismatch, guess_layout, require_key
+from .compat import FromStateDict, IncompatibleStateDictError, describe_mismatch, guess_layout, require_key
 from .dictionary_heads import DictionaryContextHead, SharedDictionary, dictionary_width
 from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, leading_support
 
@@ -77,7 +77,7 @@ def synthesis_transform(
     return nn.Sequential(*layers)
 
 
-class DCAE(CompressionModel):
+class DCAE(FromStateDict, CompressionModel):
     """DCAE (dictionary-based cross-attention entropy model) in CompressAI master's layout.
 
     ``forward(x, return_params=True)`` adds ``"para": {"means", "scales", "y"}`` (slice order,
@@ -343,11 +343,3 @@ class DCAE(CompressionModel):
             "hyper_window_size": hyper_window,
             "hyper_head_dim": hyper_head_dim,
         }
-
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> DCAE:
-        """Build the model a CompressAI-layout state dict describes and load it strictly."""
-        cls.check_family(state_dict)
-        model = cls(**cls.infer_kwargs(state_dict))
-        model.load_state_dict(state_dict, strict=True)
-        return model

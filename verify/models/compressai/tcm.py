@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..blocks.slice_transforms import SliceTransform
 from ..upstream.base import check_upstream_input_size
-from .compat import IncompatibleStateDictError, describe_mismatch, guess_layout, require_key
+from .compat import FromStateDict, IncompatibleStateDictError, describe_mismatch, guess_layout, require_key
 from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, leading_support
 from .tcm_blocks import WLS, AuxTTransform, ConvTransBlock, SWAtten, iWLS
 
@@ -86,7 +86,7 @@ class TCMSliceContext(nn.Module):
         return torch.cat([scales, means, mean_support], dim=1)
 
 
-class TCM(CompressionModel):
+class TCM(FromStateDict, CompressionModel):
     """Mixed transformer-CNN image codec (Liu et al., CVPR 2023), optionally with AuxT branches.
 
     Constructor signature and defaults are master's. ``N`` is half the transform width, ``M`` the
@@ -367,13 +367,6 @@ class TCM(CompressionModel):
             "drop_path_rate": 0.0,
         }
 
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> TCM:
-        """Build the model a CompressAI-layout TCM state dict describes and load it strictly."""
-        cls.check_family(state_dict)
-        model = cls(**cls.infer_kwargs(state_dict))
-        model.load_state_dict(state_dict, strict=True)
-        return model
 
 
 _SLICE_HEAD = re.compile(r"latent_codec\.y\.channel_context\.y(\d+)\.mean_cc\.0\.weight")
