@@ -20,7 +20,8 @@ from . import engine, layouts, report
 from .checkpoint import SourceCheckpoint, read_checkpoint
 from .detect import Detection
 from .errors import CheckpointError, ConversionError, OutputError
-from .writer import output_lock, write_json, write_safetensors, write_torch
+from .finite import ByteRange, FileFiniteCheck, all_finite
+from .writer import FileRange, output_lock, write_json, write_safetensors, write_torch
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -87,7 +88,8 @@ def convert_in_memory(
     return tensors, result
 
 
-def build_config(result: ConversionResult) -> dict[str, Any]:
+def build_config(result: ConversionResult, *, source_sha256: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a conversion (``source_sha256`` stands in for the source's own hash)."""
     d, m, src = result.detection, result.detection.mapping, result.source
     return {
         "format": CONFIG_FORMAT,
@@ -111,7 +113,7 @@ def build_config(result: ConversionResult) -> dict[str, Any]:
         "mapping": {"file": m.file, "version": m.version, "sha256": m.sha256, "layout": d.variant.layout},
         "source": {
             "file": src.path.name,
-            "sha256": src.sha256,
+            "sha256": source_sha256 or src.sha256,
             "format": src.file_format,
             "container_entry": src.container_entry,
             "ignored_entries": src.ignored_entries,
@@ -138,17 +140,6 @@ def safetensors_metadata(config: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def all_finite(value: torch.Tensor) -> bool:
-    """No NaN or Inf (numpy's check: on these CPUs it is far faster than torch's for mapped tensors)."""
-    if not value.is_floating_point() or value.numel() == 0:
-        return True
-    if value.dtype == torch.bfloat16:
-        return bool(torch.isfinite(value).all())
-    import numpy as np
-
-    return bool(np.isfinite(value.detach().cpu().numpy()).all())
-
-
 def _prepare_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder; choose another -o")
@@ -170,40 +161,70 @@ def convert_checkpoint(
 ) -> ConversionResult:
     """Convert one upstream checkpoint into ``out_dir`` (``model.safetensors`` + ``config.json``).
 
-    Nothing is written unless the plan is complete; each file is written atomically.
+    Nothing is written unless the plan is complete; each file is written atomically.  Tensors the
+    mapping only renames are copied file to file; only the ones a rule computes are read.  The model
+    file takes its name only after the source passed its integrity scan and every tensor its NaN/Inf
+    check.
     """
-    source = source or read_checkpoint(path, trust_pickle=trust_pickle)
+    own_source = source is None
+    source = source or read_checkpoint(path, trust_pickle=trust_pickle, lazy=True)
+    try:
+        return _convert(source, Path(out_dir), family, output_format, progress)
+    finally:
+        if own_source:
+            source.close()
+
+
+#: stands in for the source's sha256 in the header until the background scan has it (same length)
+_PENDING_SHA256 = "0" * 64
+
+
+def _convert(source: SourceCheckpoint, out_dir: Path, family, output_format, progress) -> ConversionResult:
     detection, plan = plan_conversion(source, family=family)
     _require_ok(plan, source)
-    result = ConversionResult(source, detection, plan, out_dir=Path(out_dir))
-    out_dir = Path(out_dir)
+    result = ConversionResult(source, detection, plan, out_dir=out_dir)
     _prepare_out_dir(out_dir)
     steps = plan.by_target()
-    state = source.state_dict
+    tensors = source.tensors
+    copies = _copies(plan, source) if output_format == "safetensors" else {}
+    computed_non_finite: list[str] = []
 
-    def produce(key: str) -> torch.Tensor:
-        value = engine.tensor(steps[key], state)
+    def produce(key: str) -> "torch.Tensor | FileRange":
+        if key in copies:
+            return copies[key]
+        value = engine.tensor(steps[key], tensors)
         if not all_finite(value):
-            result.non_finite.append(key)
+            computed_non_finite.append(key)
         return value
 
-    # The config records the source hash; computing it first keeps it out of the write loop.
-    source.sha256  # noqa: B018 - warms the cached property
+    def finish_checks() -> dict[str, str]:
+        """Wait for the background checks: the source's scan (raises if damaged) and the NaN/Inf one."""
+        bad = set(computed_non_finite) | set(check.result() if check else ())
+        result.non_finite = [s.target for s in plan.steps if s.target in bad]
+        return safetensors_metadata(build_config(result))
+
+    check = None
+    if copies:
+        ranges = [ByteRange(key, r.offset, r.nbytes, steps[key].dtype) for key, r in copies.items()]
+        check = FileFiniteCheck(source.fileno, ranges)
     # One writer at a time per folder, so model and config always come from the same run.
     with output_lock(out_dir):
         if output_format == "safetensors":
             model_path = out_dir / MODEL_FILE
+            early = safetensors_metadata(build_config(result, source_sha256=_PENDING_SHA256))
             result.bytes_written = write_safetensors(
                 model_path,
                 [(s.target, s.shape, s.dtype) for s in plan.steps],
                 produce,
-                safetensors_metadata(build_config(result)),
+                early,
                 progress=progress,
+                final_metadata=finish_checks,
             )
         elif output_format == "pth":
             model_path = out_dir / "model.pth"
-            tensors = {s.target: produce(s.target) for s in plan.steps}
-            write_torch(model_path, tensors)
+            values = {s.target: produce(s.target) for s in plan.steps}
+            finish_checks()
+            write_torch(model_path, values)
             result.bytes_written = model_path.stat().st_size
         else:
             raise OutputError(f"unknown output format {output_format!r}; use safetensors or pth")
@@ -212,6 +233,20 @@ def convert_checkpoint(
         write_json(config_path, result.config)
     result.files = [model_path, config_path]
     return result
+
+
+def _copies(plan: engine.Plan, source: SourceCheckpoint) -> dict[str, FileRange]:
+    """Target key -> the source bytes it is, for every tensor the mapping passes on unchanged."""
+    if not source.lazy:
+        return {}
+    copies = {}
+    for step in plan.steps:
+        if step.action not in ("rename", "fan_out"):
+            continue
+        where = source.locations[step.sources[0]]  # type: ignore[index]
+        if where.contiguous and where.dtype == step.dtype:
+            copies[step.target] = FileRange(source.fileno, where.offset, where.nbytes)
+    return copies
 
 
 # --- the way back -------------------------------------------------------------------------------

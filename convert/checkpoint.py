@@ -1,33 +1,74 @@
 """Reading checkpoints safely: torch files (zip or legacy pickle) and safetensors.
 
 Checkpoints are pickles, and a pickle can run code.  Every torch file is read with
-``torch.load(weights_only=True)`` (memory-mapped when the zip format allows), which refuses any
-global outside torch's allow-list.  Full unpickling happens only when the caller passes
-``trust_pickle=True`` (the CLI's ``--unsafe-trust-pickle``), and it warns every time.
+``torch.load(weights_only=True)``, which refuses any global outside torch's allow-list.  Full
+unpickling happens only when the caller passes ``trust_pickle=True`` (the CLI's
+``--unsafe-trust-pickle``), and it warns every time.
+
+Two ways to read:
+
+- eager (the default): a state dict of real tensors, memory-mapped from a torch zip or a safetensors
+  file where the format allows, so nothing is copied until used (verification, ``--inverse``);
+- ``lazy=True`` (conversion): tensors on the meta device plus where each one's bytes lie in the file
+  (``torch.load(map_location="meta")`` records every storage's offset).  Nothing is read; a conversion
+  copies the bytes of renamed tensors file to file and reads only the tensors a rule computes
+  (:attr:`SourceCheckpoint.tensors`).  Falls back to eager for files without usable offsets (legacy
+  pickles, big-endian archives, ``--unsafe-trust-pickle``).
+
+Either way a background :class:`~.integrity.SourceScan` checks every zip record's CRC and hashes the file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
+import json
 import os
 import re
 import struct
 import warnings
 import zipfile
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from .errors import CheckpointError
+from .integrity import SourceScan, source_scan
 
 #: container entries that hold the model's state dict, in the order they are looked for
 STATE_DICT_ENTRIES = ("state_dict", "model", "net", "network", "model_state_dict")
 SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a tensor's elements lie in the source file: first element's byte offset, then strides."""
+
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.itemsize
+
+    @property
+    def contiguous(self) -> bool:
+        return torch.empty(self.shape, dtype=self.dtype, device="meta").as_strided(self.shape, self.stride).is_contiguous()
+
+    def span(self) -> int:
+        """Bytes from the first to one past the last element (strides may skip or overlap)."""
+        if torch.Size(self.shape).numel() == 0:
+            return 0
+        last = sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        return (last + 1) * self.itemsize
 
 
 @dataclass
@@ -35,28 +76,77 @@ class SourceCheckpoint:
     """A checkpoint's state dict, flattened and cleaned, plus what was around it."""
 
     path: Path
-    state_dict: "OrderedDict[str, torch.Tensor]"
+    state_dict: "OrderedDict[str, torch.Tensor]"  # meta tensors when ``lazy``
     file_format: str  # "torch-zip" | "torch-legacy" | "safetensors"
     container_entry: str | None  # e.g. "state_dict"; None for a bare state dict
     ignored_entries: list[str] = field(default_factory=list)
     stripped_prefix_keys: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
     size_bytes: int = 0
-    _sha256: str | None = None
+    locations: dict[str, TensorLocation] | None = None  # set when ``lazy``
+    scan: SourceScan | None = None
+    _file: Any = None
+
+    @property
+    def lazy(self) -> bool:
+        return self.locations is not None
 
     @property
     def sha256(self) -> str:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.path)
-        return self._sha256
+        """The file's sha256 (waits for the background scan; raises if it found the file damaged)."""
+        if self.scan is None:
+            self.scan = SourceScan(self.path)
+        return self.scan.result()
+
+    @property
+    def fileno(self) -> int:
+        """A descriptor open on the source (lazy sources only), for copying and reading tensor bytes."""
+        if self._file is None:
+            raise ValueError("only a lazily read checkpoint keeps its file open")
+        return self._file.fileno()
+
+    @property
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        """Key -> real tensor; a lazy source reads each one from the file when asked (nothing is cached)."""
+        return _FileTensors(self) if self.lazy else self.state_dict
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        where = self.locations[key]  # type: ignore[index]
+        span = where.span()
+        data = bytearray(span)
+        if span:
+            got = os.preadv(self.fileno, [data], where.offset)
+            if got != span:
+                raise CheckpointError(f"{self.path}: the file is truncated (tensor {key!r} runs past its end); download it again")
+        flat = torch.frombuffer(data, dtype=where.dtype) if span else torch.empty(0, dtype=where.dtype)
+        return flat.as_strided(where.shape, where.stride)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "SourceCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+class _FileTensors(Mapping):
+    def __init__(self, source: SourceCheckpoint):
+        self._source = source
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._source.state_dict:
+            raise KeyError(key)
+        return self._source.read_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source.state_dict)
+
+    def __len__(self) -> int:
+        return len(self._source.state_dict)
 
 
 def _check_path(path: Path) -> None:
@@ -70,7 +160,8 @@ def _check_path(path: Path) -> None:
         raise CheckpointError(f"{path}: the file is empty; download it again")
 
 
-def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str, str | None]:
+def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) -> tuple[Any, str, bool]:
+    """torch.load the file; returns (object, file format, whether its tensors are meta tensors)."""
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
         with open(path, "rb") as fh:
@@ -88,88 +179,41 @@ def _load_torch(path: Path, trust_pickle: bool) -> tuple[Any, str, str | None]:
             stacklevel=3,
         )
     try:
-        sha256 = _verify_zip_members(path) if is_zip else None
+        meta = lazy and is_zip and not trust_pickle and _native_byte_order(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's own chatter about pickle protocols is not for users
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
-        return obj, file_format, sha256
-    except CheckpointError:
-        raise
+            if meta:  # records each storage's offset in the file and reads no tensor data
+                obj = torch.load(path, map_location="meta", weights_only=True)
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
+        return obj, file_format, meta
     except Exception as exc:  # torch raises many types for bad input; translate them all
-        raise CheckpointError(_describe_load_failure(path, exc, is_zip)) from None
+        failure = _describe_load_failure(path, exc, is_zip)
+    scan.result()  # a damaged record explains a failed load better than torch's message does
+    raise CheckpointError(failure)
 
 
-def _verify_zip_members(path: Path) -> str:
-    """Check every member of a torch zip against its CRC; return the file's sha256 from the same pass.
+def _native_byte_order(path: Path) -> bool:
+    """Whether the archive's tensors are stored in this machine's byte order (torch's ``byteorder`` record)."""
+    import sys
 
-    torch maps tensor records straight from the file and never checks their CRC, so a flipped or
-    cut record would otherwise load as silently wrong weights.  torch stores its records
-    uncompressed, so one sequential read feeds both the per-record CRC32 and the whole-file sha256.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
-                damaged = archive.testzip()  # not written by torch: let zipfile decompress and check
-                if damaged is not None:
-                    raise CheckpointError(
-                        f"{path}: the zip record {damaged!r} is damaged (CRC check failed); download the file again"
-                    )
-                return file_sha256(path)
-        ranges = _record_ranges(path, infos)
-    except CheckpointError:
-        raise
-    except OSError:  # a record shorter or longer than the directory says sends reads off the file
-        raise CheckpointError(
-            f"{path}: broken zip archive (its records do not match its directory); download the file again"
-        ) from None
-    except Exception as exc:  # BadZipFile, EOFError, zlib and struct errors all mean the same here
-        raise CheckpointError(f"{path}: broken zip archive ({exc}); download the file again") from None
-    digest = hashlib.sha256()
-    crcs = [0] * len(ranges)
-    current, pos = 0, 0
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            view = memoryview(block)
-            end = pos + len(block)
-            while current < len(ranges) and ranges[current][0] < end:
-                start, stop, _ = ranges[current]
-                lo, hi = max(start, pos), min(stop, end)
-                if lo < hi:
-                    crcs[current] = zlib.crc32(view[lo - pos: hi - pos], crcs[current])
-                if stop > end:
-                    break
-                current += 1
-            digest.update(view)
-            pos = end
-    for (_, _, info), crc in zip(ranges, crcs):
-        if crc != info.CRC:
-            raise CheckpointError(
-                f"{path}: the zip record {info.filename!r} is damaged (CRC check failed); download the file again"
-            )
-    return digest.hexdigest()
+    with zipfile.ZipFile(path) as archive:
+        record = next((n for n in archive.namelist() if n.endswith("/byteorder")), None)
+        if record is None:
+            return True  # archives from before the record existed were written little-endian in practice
+        return archive.read(record).decode(errors="replace").strip() == sys.byteorder
 
 
-_CHUNK = 1 << 22
-
-
-def _record_ranges(path: Path, infos) -> list[tuple[int, int, zipfile.ZipInfo]]:
-    """Byte range of each member's data in the file (after its local header), in file order."""
-    size = path.stat().st_size
-    ranges = []
-    with open(path, "rb") as fh:
-        for info in infos:
-            fh.seek(info.header_offset)
-            head = fh.read(30)
-            if len(head) < 30 or head[:4] != b"PK\x03\x04":
-                raise OSError("local header missing")
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
-            start = info.header_offset + 30 + name_len + extra_len
-            if start + info.compress_size > size:
-                raise OSError("record runs past the end of the file")
-            ranges.append((start, start + info.compress_size, info))
-    ranges.sort(key=lambda r: r[0])
-    return ranges
+def _torch_location(path: Path, key: str, value: torch.Tensor) -> TensorLocation | None:
+    """A meta tensor's place in the file, from the offset torch.load recorded; None if it recorded none."""
+    base = getattr(value.untyped_storage(), "_checkpoint_offset", None)
+    if base is None:
+        return None
+    where = TensorLocation(int(base) + value.storage_offset() * value.element_size(),
+                           tuple(value.shape), tuple(value.stride()), value.dtype)
+    if where.offset + where.span() > path.stat().st_size:
+        raise CheckpointError(f"{path}: the file is truncated (tensor {key!r} runs past its end); download it again")
+    return where
 
 
 _SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "collections.Counter", "_codecs.encode",
@@ -231,18 +275,45 @@ def _describe_load_failure(path: Path, exc: Exception, is_zip: bool) -> str:
     return f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {first})"
 
 
-def _load_safetensors(path: Path) -> tuple[OrderedDict, dict[str, str]]:
+def _load_safetensors(path: Path, lazy: bool) -> tuple[OrderedDict, dict[str, str], dict[str, TensorLocation] | None]:
     from safetensors import SafetensorError, safe_open
 
     try:
         tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="pt") as fh:  # validates the header against the file
             metadata = dict(fh.metadata() or {})
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-        return tensors, metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            keys = list(fh.keys())
+            if not lazy:
+                for key in keys:
+                    tensors[key] = fh.get_tensor(key)
+                return tensors, metadata, None
+        locations = _safetensors_locations(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    for key in keys:
+        where = locations[key]
+        tensors[key] = torch.empty(where.shape, dtype=where.dtype, device="meta")
+    return tensors, metadata, locations
+
+
+def _safetensors_locations(path: Path) -> dict[str, TensorLocation]:
+    from .writer import SAFETENSORS_DTYPES
+
+    dtypes = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    start = 8 + length
+    locations = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in dtypes:
+            raise ValueError(f"tensor {key!r} has dtype {info['dtype']}, which lic-convert does not handle")
+        shape = tuple(info["shape"])
+        stride = tuple(torch.empty(shape, device="meta").stride())
+        locations[key] = TensorLocation(start + info["data_offsets"][0], shape, stride, dtypes[info["dtype"]])
+    return locations
 
 
 def _find_state_dict(obj: Any, path: Path) -> tuple[Any, str | None, list[str]]:
@@ -265,27 +336,36 @@ def _find_state_dict(obj: Any, path: Path) -> tuple[Any, str | None, list[str]]:
     )
 
 
-def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> SourceCheckpoint:
+def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, lazy: bool = False) -> SourceCheckpoint:
     """Read a checkpoint file into a flat, cleaned state dict.
 
     ``module.`` is removed from every key the way the upstream eval scripts do it
     (``key.replace("module.", "")``).  Non-tensor values inside the state dict are refused.
+
+    Eager reading waits for the file's integrity scan.  With ``lazy=True`` the state dict holds meta
+    tensors (see the module's doc) and the scan goes on in the background: ``source.sha256`` waits for
+    it and raises if the file is damaged, so read it before trusting anything copied from the file.
     """
     path = Path(path)
     _check_path(path)
     metadata: dict[str, str] = {}
-    sha256 = None  # known after reading a torch zip (computed in the same pass as its CRC checks)
+    locations = None
     try:
+        scan = source_scan(path)
         if path.name.endswith(".safetensors"):
-            state_dict, metadata = _load_safetensors(path)
+            state_dict, metadata, locations = _load_safetensors(path, lazy)
             entry, ignored, file_format = None, [], "safetensors"
         else:
-            obj, file_format, sha256 = _load_torch(path, trust_pickle)
+            obj, file_format, on_meta = _load_torch(path, trust_pickle, lazy, scan)
             state_dict, entry, ignored = _find_state_dict(obj, path)
+            locations = {} if on_meta else None
+        if locations is None:
+            scan.result()
     except OSError as exc:  # permission checks can pass and reads still fail (ACLs, I/O errors)
         raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
     cleaned: OrderedDict[str, torch.Tensor] = OrderedDict()
+    where: dict[str, TensorLocation] = {}
     stripped = 0
     for key, value in state_dict.items():
         if not isinstance(key, str):
@@ -294,14 +374,24 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> S
             raise CheckpointError(
                 f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor; the file is not a plain state dict"
             )
+        original = key
         if "module." in key:
             key = key.replace("module.", "")
             stripped += 1
         if key in cleaned:
             raise CheckpointError(f"{path}: key {key!r} appears twice once 'module.' prefixes are removed")
         cleaned[key] = value
+        if locations is not None:
+            found = locations.get(original) if file_format == "safetensors" else _torch_location(path, key, value)
+            if found is None:  # this torch did not record offsets: read the ordinary way
+                return read_checkpoint(path, trust_pickle=trust_pickle)
+            where[key] = found
     if not cleaned:
         raise CheckpointError(f"{path}: the state dict is empty")
+    try:
+        source_file = open(path, "rb", buffering=0) if locations is not None else None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     return SourceCheckpoint(
         path=path,
         state_dict=cleaned,
@@ -311,5 +401,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> S
         stripped_prefix_keys=stripped,
         metadata=metadata,
         size_bytes=path.stat().st_size,
-        _sha256=sha256,
+        locations=where if locations is not None else None,
+        scan=scan,
+        _file=source_file,
     )

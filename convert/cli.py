@@ -80,7 +80,14 @@ def main(sources, out, family, variant, output_format, inverse, as_json, full_re
             return
         many = len(sources) > 1
         summaries = []
-        for src in sources:
+        # Start checking each file's integrity before the conversion imports torch (seconds), so the
+        # check (one read of the file in a background thread) is done by the time it is needed.
+        from .integrity import prefetch
+
+        prefetch(sources[0])
+        for i, src in enumerate(sources):
+            if i + 1 < len(sources):
+                prefetch(sources[i + 1])
             summaries.append(_convert_one(src, _default_out_dir(src, many, out), family, output_format,
                                           unsafe_trust_pickle, as_json, full_report))
         if as_json:
@@ -101,7 +108,7 @@ def _convert_one(src, out_dir, family, output_format, trust_pickle, as_json, ful
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the warning above already said it, once
-        source = read_checkpoint(src, trust_pickle=trust_pickle)
+        source = read_checkpoint(src, trust_pickle=trust_pickle, lazy=True)
     bar, progress = _progress_for(source.size_bytes, not as_json)
     try:
         result = api.convert_checkpoint(src, out_dir, family=family, output_format=output_format,
@@ -112,6 +119,7 @@ def _convert_one(src, out_dir, family, output_format, trust_pickle, as_json, ful
             click.echo(report.render_table(plan, problems_only=True), err=True)
         raise
     finally:
+        source.close()
         if bar is not None:
             bar.__exit__(None, None, None)
     elapsed = time.perf_counter() - started

@@ -87,6 +87,10 @@ def _scalar(node: yaml.ScalarNode, file: str) -> Any:
         loader.dispose()
 
 
+#: libyaml's parser where PyYAML was built with it (ten times faster), else the pure-Python one
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_yaml(path: Path, text: str | None = None) -> Any:
     file = path.name  # errors name the file the way load_mapping does
     try:
@@ -94,7 +98,7 @@ def read_yaml(path: Path, text: str | None = None) -> Any:
     except OSError as exc:
         raise MappingError(f"cannot read mapping file: {exc.strerror}", file=file) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)

@@ -1,19 +1,22 @@
 """Writing converted tensors: a streaming safetensors writer and atomic file replacement.
 
-The writer lays out the safetensors header from the plan's shapes and dtypes, then writes each tensor's
-bytes straight from its (possibly memory-mapped) source, one tensor at a time: memory stays at one
-tensor beyond what the source mapping already pages in.  Everything goes to a temporary file in the
-destination folder that replaces the final name only once complete and flushed to disk, so an
-interrupted run leaves either the previous file or none, never a partial one.
+The writer lays out the safetensors header from the plan's shapes and dtypes, then writes the tensors
+one at a time.  A tensor is either a value in memory (computed by a rule) or a :class:`FileRange`: bytes
+to copy unchanged from the source file, which the kernel copies file to file (``copy_file_range``)
+without them ever entering this process.  Everything goes to a temporary file in the destination
+folder that replaces the final name only once complete and flushed to disk, so an interrupted run
+leaves either the previous file or none, never a partial one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -89,6 +92,15 @@ def output_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing the last descriptor releases the lock
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """``nbytes`` bytes at ``offset`` in the open file ``fd``: a tensor to copy as it is."""
+
+    fd: int
+    offset: int
+    nbytes: int
+
+
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach()
     if t.device.type != "cpu":
@@ -100,19 +112,84 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def write_safetensors(
-    path: Path,
-    entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-    produce: Callable[[str], torch.Tensor],
-    metadata: dict[str, str],
-    *,
-    progress: Callable[[int], None] | None = None,
-) -> int:
-    """Stream tensors into ``path`` (atomically); ``produce(key)`` is called once per key, in order.
+#: errors after which copy_file_range is given up for plain reads and writes (old kernels, some file systems)
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
 
-    Returns the number of bytes written.
+
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None: starts writing a file range to disk without waiting."""
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+#: how much is written before the disk is asked to start on it
+WRITEBACK_STEP = 64 << 20
+
+
+class _Output:
+    """The open temporary file: writes from memory, copies from files, and a header written twice.
+
+    Every :data:`WRITEBACK_STEP` bytes the kernel is asked to start writing what came before to disk
+    (``sync_file_range``, without waiting), so the final ``fsync`` finds little left to do: the disk
+    works while the conversion goes on instead of after it.
     """
-    entries = list(entries)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.kernel_copy = hasattr(os, "copy_file_range")
+        self._buffer: bytearray | None = None
+        self._written = 0
+        self._flushed = 0
+        self._writeback = _sync_file_range()
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self._advance(n)
+
+    def _advance(self, n: int) -> None:
+        self._written += n
+        if self._writeback is not None and self._written - self._flushed >= WRITEBACK_STEP:
+            if self._writeback(self.fd, self._flushed, self._written - self._flushed, _SYNC_FILE_RANGE_WRITE) != 0:
+                self._writeback = None  # not supported here: the final fsync does it all
+            self._flushed = self._written
+
+    def copy(self, source: FileRange) -> None:
+        done = 0
+        while self.kernel_copy and done < source.nbytes:
+            try:
+                n = os.copy_file_range(source.fd, self.fd, source.nbytes - done, source.offset + done)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY or done:
+                    raise
+                self.kernel_copy = False
+                break
+            if n == 0:
+                raise OSError(errno.EIO, "the source file ended early (was it truncated while converting?)")
+            done += n
+            self._advance(n)
+        while done < source.nbytes:
+            if self._buffer is None:
+                self._buffer = bytearray(1 << 22)
+            want = min(len(self._buffer), source.nbytes - done)
+            got = os.preadv(source.fd, [memoryview(self._buffer)[:want]], source.offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, "the source file ended early (was it truncated while converting?)")
+            self.write(memoryview(self._buffer)[:got])
+            done += got
+
+
+def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str]) -> tuple[bytes, int]:
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
     for key, shape, dtype in entries:
@@ -121,21 +198,58 @@ def write_safetensors(
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
+    return json.dumps(header, separators=(",", ":")).encode("utf-8"), offset
+
+
+def write_safetensors(
+    path: Path,
+    entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], "torch.Tensor | FileRange"],
+    metadata: dict[str, str],
+    *,
+    progress: Callable[[int], None] | None = None,
+    final_metadata: Callable[[], dict[str, str]] | None = None,
+) -> int:
+    """Stream tensors into ``path`` (atomically); ``produce(key)`` is called once per key, in order.
+
+    ``final_metadata``, if given, is called once every tensor is written, before the file takes its
+    final name; its metadata replaces ``metadata`` in the header (room for values up to
+    :data:`HEADER_SLACK` bytes longer is reserved).  It may raise to abandon the file.
+    Returns the number of bytes written.
+    """
+    entries = list(entries)
+    blob, data_bytes = _header(entries, metadata)
+    reserved = len(blob) + (HEADER_SLACK if final_metadata is not None else 0)
+    reserved += -reserved % 8
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(struct.pack("<Q", len(blob)))
-            fh.write(blob)
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))  # no O_TRUNC: ext4 flushes truncated files on close
+        try:
+            out = _Output(fd)
+            out.write(struct.pack("<Q", reserved) + blob.ljust(reserved))
             for key, shape, dtype in entries:
                 value = produce(key)
-                if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
-                    raise OutputError(f"{key}: produced {list(value.shape)} {value.dtype}, planned {list(shape)} {dtype}")
-                fh.write(_raw_bytes(value))
+                if isinstance(value, FileRange):
+                    nbytes = value.nbytes
+                    out.copy(value)
+                else:
+                    if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+                        raise OutputError(f"{key}: produced {list(value.shape)} {value.dtype}, planned {list(shape)} {dtype}")
+                    nbytes = value.numel() * value.element_size()
+                    out.write(_raw_bytes(value))
                 if progress is not None:
-                    progress(value.numel() * value.element_size())
-            fh.flush()
-    return 8 + len(blob) + offset
+                    progress(nbytes)
+            if final_metadata is not None:
+                final, _ = _header(entries, final_metadata())
+                if len(final) > reserved:
+                    raise OutputError(f"{path}: the final metadata is {len(final) - len(blob)} bytes longer than planned")
+                os.pwrite(fd, final.ljust(reserved), 8)
+        finally:
+            os.close(fd)
+    return 8 + reserved + data_bytes
+
+
+#: extra header room kept for metadata known only at the end (a safetensors header may end in spaces)
+HEADER_SLACK = 64
 
 
 def write_json(path: Path, data: dict) -> None:

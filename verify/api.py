@@ -19,6 +19,7 @@ from lic_checkpoints.convert import api as convert_api
 from lic_checkpoints.convert import engine, layouts
 from lic_checkpoints.convert.checkpoint import SourceCheckpoint, read_checkpoint
 from lic_checkpoints.convert.errors import LicError
+from lic_checkpoints.convert.finite import all_finite
 
 from . import images as images_mod
 from .builders import build_target, build_upstream, canonical_upstream_names
@@ -160,7 +161,7 @@ def verify_checkpoint(
         inputs=[{"name": i.name, "shape": list(i.x.shape), "sha256": i.sha256} for i in test_images],
         tolerances=tol,
     )
-    non_finite = [k for k, v in source.state_dict.items() if not convert_api.all_finite(v)]
+    non_finite = [k for k, v in source.state_dict.items() if not all_finite(v)]
     if non_finite:
         report.notes.append(f"{len(non_finite)} checkpoint tensors hold NaN or Inf, e.g. {non_finite[0]}")
 
