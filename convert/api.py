@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
-
 from .. import __version__
 from . import detect as detect_mod
-from . import engine, layouts, report
+from . import dtypes, engine, layouts, report
 from .checkpoint import SourceCheckpoint, read_checkpoint
 from .detect import Detection
 from .errors import CheckpointError, ConversionError, OutputError
@@ -189,11 +187,12 @@ def _convert(source: SourceCheckpoint, out_dir: Path, family, output_format, pro
     copies = _copies(plan, source) if output_format == "safetensors" else {}
     computed_non_finite: list[str] = []
 
-    def produce(key: str) -> "torch.Tensor | FileRange":
+    def produce(key: str):
+        """A :class:`FileRange` for bytes copied as they are, else the computed value."""
         if key in copies:
             return copies[key]
-        value = engine.tensor(steps[key], tensors)
-        if not all_finite(value):
+        value = engine.tensor(steps[key], tensors, as_numpy=source.lazy)
+        if not all_finite(value, steps[key].dtype):
             computed_non_finite.append(key)
         return value
 
@@ -222,7 +221,7 @@ def _convert(source: SourceCheckpoint, out_dir: Path, family, output_format, pro
             )
         elif output_format == "pth":
             model_path = out_dir / "model.pth"
-            values = {s.target: produce(s.target) for s in plan.steps}
+            values = {s.target: _as_torch(produce(s.target), s.dtype) for s in plan.steps}
             finish_checks()
             write_torch(model_path, values)
             result.bytes_written = model_path.stat().st_size
@@ -235,6 +234,16 @@ def _convert(source: SourceCheckpoint, out_dir: Path, family, output_format, pro
     return result
 
 
+def _as_torch(value, dtype: str):
+    import numpy as np
+    import torch
+
+    if not isinstance(value, np.ndarray):
+        return value
+    tensor = torch.from_numpy(np.ascontiguousarray(value))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
 def _copies(plan: engine.Plan, source: SourceCheckpoint) -> dict[str, FileRange]:
     """Target key -> the source bytes it is, for every tensor the mapping passes on unchanged."""
     if not source.lazy:
@@ -244,7 +253,7 @@ def _copies(plan: engine.Plan, source: SourceCheckpoint) -> dict[str, FileRange]
         if step.action not in ("rename", "fan_out"):
             continue
         where = source.locations[step.sources[0]]  # type: ignore[index]
-        if where.contiguous and where.dtype == step.dtype:
+        if where.contiguous and where.dtype == dtypes.name(step.dtype):
             copies[step.target] = FileRange(source.fileno, where.offset, where.nbytes)
     return copies
 

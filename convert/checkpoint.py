@@ -1,19 +1,21 @@
 """Reading checkpoints safely: torch files (zip or legacy pickle) and safetensors.
 
-Checkpoints are pickles, and a pickle can run code.  Every torch file is read with
-``torch.load(weights_only=True)``, which refuses any global outside torch's allow-list.  Full
-unpickling happens only when the caller passes ``trust_pickle=True`` (the CLI's
-``--unsafe-trust-pickle``), and it warns every time.
+Checkpoints are pickles, and a pickle can run code.  No pickle is ever run here unless the caller
+passes ``trust_pickle=True`` (the CLI's ``--unsafe-trust-pickle``, which warns every time): a torch
+file is read either as data by :mod:`.torch_zip` (which interprets a fixed subset of pickle opcodes
+and never imports or calls anything) or with ``torch.load(weights_only=True)``, which refuses any
+global outside torch's allow-list and is the authority on every refusal.
 
 Two ways to read:
 
 - eager (the default): a state dict of real tensors, memory-mapped from a torch zip or a safetensors
   file where the format allows, so nothing is copied until used (verification, ``--inverse``);
-- ``lazy=True`` (conversion): tensors on the meta device plus where each one's bytes lie in the file
-  (``torch.load(map_location="meta")`` records every storage's offset).  Nothing is read; a conversion
-  copies the bytes of renamed tensors file to file and reads only the tensors a rule computes
-  (:attr:`SourceCheckpoint.tensors`).  Falls back to eager for files without usable offsets (legacy
-  pickles, big-endian archives, ``--unsafe-trust-pickle``).
+- ``lazy=True`` (conversion): each tensor's shape and dtype (a :class:`~.ops.Spec`) plus where its bytes
+  lie in the file.  Nothing is read: a conversion copies the bytes of renamed tensors file to file and
+  reads only the tensors a rule computes (:attr:`SourceCheckpoint.tensors`, as numpy arrays).  A torch
+  zip's structure comes from :mod:`.torch_zip` (its pickle read as data, without torch); what that
+  reader declines goes to ``torch.load(map_location="meta", weights_only=True)``, which records every
+  storage's offset.  Legacy pickles, other byte orders and ``--unsafe-trust-pickle`` read eagerly.
 
 Either way a background :class:`~.integrity.SourceScan` checks every zip record's CRC and hashes the file.
 """
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import struct
+import sys
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -32,10 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import torch
+import numpy as np
 
+from . import dtypes, torch_zip
 from .errors import CheckpointError
 from .integrity import SourceScan, source_scan
+from .ops import Spec
+from .torch_zip import TensorRecord
 
 #: container entries that hold the model's state dict, in the order they are looked for
 STATE_DICT_ENTRIES = ("state_dict", "model", "net", "network", "model_state_dict")
@@ -48,24 +54,36 @@ class TensorLocation:
 
     offset: int
     shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
+    stride: tuple[int, ...]  # in elements
+    dtype: str
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return dtypes.get(self.dtype).itemsize
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
 
     @property
     def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * self.itemsize
+        return self.numel * self.itemsize
 
     @property
     def contiguous(self) -> bool:
-        return torch.empty(self.shape, dtype=self.dtype, device="meta").as_strided(self.shape, self.stride).is_contiguous()
+        expected = 1
+        for size, stride in reversed(list(zip(self.shape, self.stride))):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
 
     def span(self) -> int:
         """Bytes from the first to one past the last element (strides may skip or overlap)."""
-        if torch.Size(self.shape).numel() == 0:
+        if self.numel == 0:
             return 0
         last = sum((n - 1) * s for n, s in zip(self.shape, self.stride))
         return (last + 1) * self.itemsize
@@ -76,7 +94,7 @@ class SourceCheckpoint:
     """A checkpoint's state dict, flattened and cleaned, plus what was around it."""
 
     path: Path
-    state_dict: "OrderedDict[str, torch.Tensor]"  # meta tensors when ``lazy``
+    state_dict: "OrderedDict[str, Any]"  # torch tensors; :class:`~.ops.Spec` records when ``lazy``
     file_format: str  # "torch-zip" | "torch-legacy" | "safetensors"
     container_entry: str | None  # e.g. "state_dict"; None for a bare state dict
     ignored_entries: list[str] = field(default_factory=list)
@@ -106,20 +124,24 @@ class SourceCheckpoint:
         return self._file.fileno()
 
     @property
-    def tensors(self) -> Mapping[str, torch.Tensor]:
-        """Key -> real tensor; a lazy source reads each one from the file when asked (nothing is cached)."""
+    def tensors(self) -> Mapping[str, Any]:
+        """Key -> value: torch tensors, or for a lazy source numpy arrays read when asked (not cached)."""
         return _FileTensors(self) if self.lazy else self.state_dict
 
-    def read_tensor(self, key: str) -> torch.Tensor:
+    def read_tensor(self, key: str) -> np.ndarray:
+        """One tensor's values from the file (bfloat16 comes as its uint16 bits)."""
         where = self.locations[key]  # type: ignore[index]
+        kind = np.dtype(dtypes.get(where.dtype).numpy)
         span = where.span()
-        data = bytearray(span)
+        data = np.empty(span // kind.itemsize, dtype=kind)
         if span:
-            got = os.preadv(self.fileno, [data], where.offset)
+            got = os.preadv(self.fileno, [memoryview(data).cast("B")], where.offset)
             if got != span:
                 raise CheckpointError(f"{self.path}: the file is truncated (tensor {key!r} runs past its end); download it again")
-        flat = torch.frombuffer(data, dtype=where.dtype) if span else torch.empty(0, dtype=where.dtype)
-        return flat.as_strided(where.shape, where.stride)
+        if where.contiguous:
+            return data.reshape(where.shape)
+        strides = tuple(s * kind.itemsize for s in where.stride)
+        return np.lib.stride_tricks.as_strided(data, where.shape, strides, writeable=False)
 
     def close(self) -> None:
         if self._file is not None:
@@ -137,7 +159,7 @@ class _FileTensors(Mapping):
     def __init__(self, source: SourceCheckpoint):
         self._source = source
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._source.state_dict:
             raise KeyError(key)
         return self._source.read_tensor(key)
@@ -162,6 +184,8 @@ def _check_path(path: Path) -> None:
 
 def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) -> tuple[Any, str, bool]:
     """torch.load the file; returns (object, file format, whether its tensors are meta tensors)."""
+    import torch
+
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
         with open(path, "rb") as fh:
@@ -179,13 +203,14 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
             stacklevel=3,
         )
     try:
-        meta = lazy and is_zip and not trust_pickle and _native_byte_order(path)
+        mappable = is_zip and _offsets_usable(path)  # torch cannot map compressed records
+        meta = lazy and mappable and not trust_pickle
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's own chatter about pickle protocols is not for users
             if meta:  # records each storage's offset in the file and reads no tensor data
                 obj = torch.load(path, map_location="meta", weights_only=True)
             else:
-                obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
+                obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mappable)
         return obj, file_format, meta
     except Exception as exc:  # torch raises many types for bad input; translate them all
         failure = _describe_load_failure(path, exc, is_zip)
@@ -193,24 +218,36 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
     raise CheckpointError(failure)
 
 
-def _native_byte_order(path: Path) -> bool:
-    """Whether the archive's tensors are stored in this machine's byte order (torch's ``byteorder`` record)."""
-    import sys
-
+def _offsets_usable(path: Path) -> bool:
+    """Whether tensor bytes can be copied from the file as they are: every record stored uncompressed,
+    in this machine's byte order (torch's ``byteorder`` record)."""
     with zipfile.ZipFile(path) as archive:
-        record = next((n for n in archive.namelist() if n.endswith("/byteorder")), None)
+        infos = archive.infolist()
+        if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
+            return False
+        record = next((i for i in infos if i.filename.endswith("/byteorder")), None)
         if record is None:
             return True  # archives from before the record existed were written little-endian in practice
         return archive.read(record).decode(errors="replace").strip() == sys.byteorder
 
 
-def _torch_location(path: Path, key: str, value: torch.Tensor) -> TensorLocation | None:
+def _torch_location(path: Path, key: str, value) -> TensorLocation | None:
     """A meta tensor's place in the file, from the offset torch.load recorded; None if it recorded none."""
     base = getattr(value.untyped_storage(), "_checkpoint_offset", None)
-    if base is None:
+    if base is None or not dtypes.known(value.dtype):
         return None
     where = TensorLocation(int(base) + value.storage_offset() * value.element_size(),
-                           tuple(value.shape), tuple(value.stride()), value.dtype)
+                           tuple(value.shape), tuple(value.stride()), dtypes.name(value.dtype))
+    return _inside(path, key, where)
+
+
+def _record_location(path: Path, key: str, value: TensorRecord, places: dict[str, tuple[int, int]]) -> TensorLocation:
+    start, _ = places[value.storage.key]
+    where = TensorLocation(start + value.offset * dtypes.get(value.dtype).itemsize, value.shape, value.stride, value.dtype)
+    return _inside(path, key, where)
+
+
+def _inside(path: Path, key: str, where: TensorLocation) -> TensorLocation:
     if where.offset + where.span() > path.stat().st_size:
         raise CheckpointError(f"{path}: the file is truncated (tensor {key!r} runs past its end); download it again")
     return where
@@ -279,8 +316,9 @@ def _load_safetensors(path: Path, lazy: bool) -> tuple[OrderedDict, dict[str, st
     from safetensors import SafetensorError, safe_open
 
     try:
-        tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
-        with safe_open(str(path), framework="pt") as fh:  # validates the header against the file
+        tensors: OrderedDict[str, Any] = OrderedDict()
+        # safe_open validates the header against the file; the numpy flavour does not import torch
+        with safe_open(str(path), framework="numpy" if lazy else "pt") as fh:
             metadata = dict(fh.metadata() or {})
             keys = list(fh.keys())
             if not lazy:
@@ -291,15 +329,11 @@ def _load_safetensors(path: Path, lazy: bool) -> tuple[OrderedDict, dict[str, st
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0][:120]})") from None
     for key in keys:
-        where = locations[key]
-        tensors[key] = torch.empty(where.shape, dtype=where.dtype, device="meta")
+        tensors[key] = Spec(locations[key].shape, locations[key].dtype)
     return tensors, metadata, locations
 
 
 def _safetensors_locations(path: Path) -> dict[str, TensorLocation]:
-    from .writer import SAFETENSORS_DTYPES
-
-    dtypes = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
     with open(path, "rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(length))
@@ -308,12 +342,23 @@ def _safetensors_locations(path: Path) -> dict[str, TensorLocation]:
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if info["dtype"] not in dtypes:
+        if info["dtype"] not in dtypes.BY_SAFETENSORS:
             raise ValueError(f"tensor {key!r} has dtype {info['dtype']}, which lic-convert does not handle")
         shape = tuple(info["shape"])
-        stride = tuple(torch.empty(shape, device="meta").stride())
-        locations[key] = TensorLocation(start + info["data_offsets"][0], shape, stride, dtypes[info["dtype"]])
+        stride, step = [], 1
+        for size in reversed(shape):
+            stride.insert(0, step)
+            step *= size
+        dtype = dtypes.BY_SAFETENSORS[info["dtype"]].name
+        locations[key] = TensorLocation(start + info["data_offsets"][0], shape, tuple(stride), dtype)
     return locations
+
+
+def _is_tensor(value: Any) -> bool:
+    if isinstance(value, TensorRecord):
+        return True
+    torch = sys.modules.get("torch")  # a torch tensor can only exist if torch was imported
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _find_state_dict(obj: Any, path: Path) -> tuple[Any, str | None, list[str]]:
@@ -324,11 +369,11 @@ def _find_state_dict(obj: Any, path: Path) -> tuple[Any, str | None, list[str]]:
     for entry in STATE_DICT_ENTRIES:
         if entry in obj and isinstance(obj[entry], dict):
             return obj[entry], entry, [k for k in obj if k != entry]
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if obj and all(_is_tensor(v) for v in obj.values()):
         return obj, None, []
-    tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+    tensors = [k for k, v in obj.items() if _is_tensor(v)]
     if tensors and len(tensors) >= len(obj) / 2:
-        bad = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        bad = next(k for k, v in obj.items() if not _is_tensor(v))
         raise CheckpointError(f"{path}: state dict entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor")
     raise CheckpointError(
         f"{path}: no state dict found (top-level keys: {', '.join(map(str, list(obj)[:8]))}); "
@@ -342,35 +387,47 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, lazy
     ``module.`` is removed from every key the way the upstream eval scripts do it
     (``key.replace("module.", "")``).  Non-tensor values inside the state dict are refused.
 
-    Eager reading waits for the file's integrity scan.  With ``lazy=True`` the state dict holds meta
-    tensors (see the module's doc) and the scan goes on in the background: ``source.sha256`` waits for
-    it and raises if the file is damaged, so read it before trusting anything copied from the file.
+    Eager reading waits for the file's integrity scan.  With ``lazy=True`` the state dict holds
+    :class:`~.ops.Spec` records (see the module's doc) and the scan goes on in the background:
+    ``source.sha256`` waits for it and raises if the file is damaged, so read it before trusting
+    anything copied from the file.
     """
     path = Path(path)
     _check_path(path)
     metadata: dict[str, str] = {}
-    locations = None
+    locate = None  # (key, value) -> TensorLocation | None, for lazy reading
     try:
         scan = source_scan(path)
+        structure = None
         if path.name.endswith(".safetensors"):
             state_dict, metadata, locations = _load_safetensors(path, lazy)
             entry, ignored, file_format = None, [], "safetensors"
+            if locations is not None:
+                locate = lambda key, original, value: locations[original]  # noqa: E731
         else:
-            obj, file_format, on_meta = _load_torch(path, trust_pickle, lazy, scan)
+            if lazy and not trust_pickle and zipfile.is_zipfile(path):
+                structure = torch_zip.read_structure(path)
+            if structure is not None:
+                obj, places = structure
+                file_format = "torch-zip"
+                locate = lambda key, original, value: _record_location(path, key, value, places)  # noqa: E731
+            else:
+                obj, file_format, on_meta = _load_torch(path, trust_pickle, lazy, scan)
+                if on_meta:
+                    locate = lambda key, original, value: _torch_location(path, key, value)  # noqa: E731
             state_dict, entry, ignored = _find_state_dict(obj, path)
-            locations = {} if on_meta else None
-        if locations is None:
+        if locate is None:
             scan.result()
     except OSError as exc:  # permission checks can pass and reads still fail (ACLs, I/O errors)
         raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
-    cleaned: OrderedDict[str, torch.Tensor] = OrderedDict()
+    cleaned: OrderedDict[str, Any] = OrderedDict()
     where: dict[str, TensorLocation] = {}
     stripped = 0
     for key, value in state_dict.items():
         if not isinstance(key, str):
             raise CheckpointError(f"{path}: state dict key {key!r} is not a string")
-        if not isinstance(value, torch.Tensor):
+        if not (_is_tensor(value) or isinstance(value, Spec)):
             raise CheckpointError(
                 f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor; the file is not a plain state dict"
             )
@@ -380,16 +437,17 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, lazy
             stripped += 1
         if key in cleaned:
             raise CheckpointError(f"{path}: key {key!r} appears twice once 'module.' prefixes are removed")
-        cleaned[key] = value
-        if locations is not None:
-            found = locations.get(original) if file_format == "safetensors" else _torch_location(path, key, value)
+        if locate is not None:
+            found = locate(key, original, value)
             if found is None:  # this torch did not record offsets: read the ordinary way
                 return read_checkpoint(path, trust_pickle=trust_pickle)
             where[key] = found
+            value = Spec(found.shape, found.dtype)
+        cleaned[key] = value
     if not cleaned:
         raise CheckpointError(f"{path}: the state dict is empty")
     try:
-        source_file = open(path, "rb", buffering=0) if locations is not None else None
+        source_file = open(path, "rb", buffering=0) if locate is not None else None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     return SourceCheckpoint(
@@ -401,7 +459,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, lazy
         stripped_prefix_keys=stripped,
         metadata=metadata,
         size_bytes=path.stat().st_size,
-        locations=where if locations is not None else None,
+        locations=where if locate is not None else None,
         scan=scan,
         _file=source_file,
     )

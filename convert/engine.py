@@ -1,14 +1,16 @@
 """The rule engine: plan a conversion, check its coverage, then produce tensors one at a time.
 
 ``plan`` matches every source key against the mapping's rules (first match wins), computes each
-target's shape and dtype on meta tensors, and compares the result with the expected layout:
+target's shape and dtype on :class:`~.ops.Spec` records (no data), and compares the result with the
+expected layout:
 
 - every source key is consumed exactly once, or dropped by a named rule (else UNEXPECTED);
 - every layout key is produced exactly once (else MISSING, or a collision between rules);
 - every produced tensor has the layout's shape and dtype (else MISMATCH).
 
-``tensor`` then materialises one target tensor from the source: a pure rename returns the source
-tensor itself (no copy), ops produce new tensors, fan-out copies are cloned only when asked.
+``tensor`` then materialises one target tensor from the source (torch tensors, or numpy arrays on the
+torch-free path of ``lic-convert``): a pure rename returns the source tensor itself (no copy), ops
+produce new tensors, fan-out copies are cloned only when asked.  Dtypes are names (``"float32"``).
 
 The same mapping runs backwards: ``inverse_rules`` derives the CompressAI -> upstream rules (each op
 replaced by its inverse, fan-out by a fan-in that checks the copies are equal, drops of derived
@@ -21,13 +23,13 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
-import torch
+import numpy as np
 
-from . import expr
+from . import dtypes, expr
 from .detect import Detection
 from .errors import ConversionError
 from .layouts import Layout
-from .ops import Generator, Op, OpError
+from .ops import Generator, Op, OpError, Spec, spec_of
 from .patterns import KeyPattern
 from .rules import Rule
 
@@ -47,7 +49,7 @@ class Step:
     fan_out: bool = False
     fan_in: bool = False
     shape: tuple[int, ...] = ()
-    dtype: torch.dtype = torch.float32
+    dtype: str = "float32"
 
     @property
     def rule(self) -> Rule:
@@ -167,11 +169,7 @@ def stages_for(detection: Detection, direction: str) -> list[tuple[str, list[Rul
 # --- planning ------------------------------------------------------------------------------------
 
 
-def _meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-
-def _apply_ops(ops: tuple[Op, ...], tensor: torch.Tensor, env: Mapping[str, Any]) -> torch.Tensor:
+def _apply_ops(ops: tuple[Op, ...], tensor, env: Mapping[str, Any]):
     for op in ops:
         tensor = op.apply(tensor, env)
     return tensor
@@ -179,15 +177,15 @@ def _apply_ops(ops: tuple[Op, ...], tensor: torch.Tensor, env: Mapping[str, Any]
 
 @dataclass(frozen=True)
 class _Entry:
-    """A key on its way through the stages, with how its value will be made and a meta tensor for shape."""
+    """A key on its way through the stages, with how its value will be made and its shape and dtype."""
 
     key: str
     step: Step
-    meta: torch.Tensor
+    meta: Spec
 
 
 def plan(
-    source: Mapping[str, torch.Tensor],
+    source: Mapping[str, Any],
     detection: Detection,
     layout: Layout | None,
     *,
@@ -197,7 +195,8 @@ def plan(
     variables = dict(detection.variables)
     result = Plan(direction, detection, layout, steps=[])
     entries = [
-        _Entry(key, Step(key, (), (key,), shape=tuple(t.shape), dtype=t.dtype), _meta(t)) for key, t in source.items()
+        _Entry(key, Step(key, (), (key,), shape=tuple(t.shape), dtype=dtypes.name(t.dtype)), spec_of(t))
+        for key, t in source.items()
     ]
     complete_stage = detection.mapping.stages[-1].name
     for stage_name, rules in stages_for(detection, direction):
@@ -226,12 +225,12 @@ def plan(
         ordered.append(step)
         if entry.shape is not None and tuple(step.shape) != entry.shape:
             result.mismatched.append(Mismatch(entry.key, f"shape {list(entry.shape)}", f"{list(step.shape)} (from {_origin(step)})"))
-        expected_dtype = getattr(torch, entry.dtype)
-        if step.dtype != expected_dtype:
-            if step.dtype.is_floating_point and expected_dtype.is_floating_point and step.generator is None:
+        if step.dtype != entry.dtype:
+            floating = dtypes.known(step.dtype) and dtypes.get(step.dtype).floating and dtypes.get(entry.dtype).floating
+            if floating and step.generator is None:
                 result.dtype_notes.append(entry.key)
             else:
-                result.mismatched.append(Mismatch(entry.key, f"dtype {entry.dtype}", f"{str(step.dtype).replace('torch.', '')} (from {_origin(step)})"))
+                result.mismatched.append(Mismatch(entry.key, f"dtype {entry.dtype}", f"{step.dtype} (from {_origin(step)})"))
     for target, step in steps.items():
         result.unexpected.append(f"{target} (from {_origin(step)})")
         ordered.append(step)
@@ -305,12 +304,12 @@ def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan
             env = {**variables, **captures, "shape": list(e.meta.shape), "ndim": e.meta.dim()}
             target = rule.target.format(captures)
             try:
-                value = rule.value.make(env)
+                value = rule.value.spec(env)
             except (OpError, expr.ExprError) as exc:
                 result.mismatched.append(Mismatch(target, f"rule {rule.name!r}", str(exc)))
                 continue
             step = Step(target, (rule,), (), generator=rule.value, generator_env=env)
-            out.append(_Entry(target, step, _meta(value)))
+            out.append(_Entry(target, step, value))
     # a synthesized tensor dropped on the way back is sized from the key it was made for, which this
     # stage's inverse has just restored among its outputs
     for e, rule, captures in checked:
@@ -356,19 +355,20 @@ def _first_match(rules: list[Rule], key: str) -> tuple[Rule | None, dict[str, An
 # --- producing tensors ---------------------------------------------------------------------------
 
 
-def tensor(step: Step, source: Mapping[str, torch.Tensor], *, own_storage: bool = False) -> torch.Tensor:
-    """The value of one target tensor.
+def tensor(step: Step, source: Mapping[str, Any], *, own_storage: bool = False, as_numpy: bool = False):
+    """The value of one target tensor: a torch tensor, or with ``as_numpy`` a numpy array.
 
-    A rename returns the source tensor itself; ``own_storage=True`` clones fan-out copies so no two
-    targets alias (needed for ``safetensors.save_file`` and for independent in-memory tensors).
+    ``source`` holds values of the same kind.  A rename returns the source tensor itself;
+    ``own_storage=True`` copies fan-out copies so no two targets alias (needed for
+    ``safetensors.save_file`` and for independent in-memory tensors).
     """
     if step.generator is not None:
-        value = step.generator.make(step.generator_env)
+        value = step.generator.make_array(step.generator_env) if as_numpy else step.generator.make(step.generator_env)
     else:
         value = source[step.sources[0]]
         if step.fan_in:
             for other in step.sources[1:]:
-                if not torch.equal(value, source[other]):
+                if not _equal(value, source[other]):
                     raise ConversionError(
                         f"{other} differs from {step.sources[0]}: the {len(step.sources)} copies of {step.target} "
                         "must be equal to convert back to one upstream tensor"
@@ -376,11 +376,19 @@ def tensor(step: Step, source: Mapping[str, torch.Tensor], *, own_storage: bool 
     for ops, env in step.transforms:
         value = _apply_ops(ops, value, env)
     if step.fan_out and own_storage and step.action == "fan_out":
-        value = value.clone()
+        value = value.copy() if isinstance(value, np.ndarray) else value.clone()
     return value
 
 
-def check_dropped_values(plan_: Plan, source: Mapping[str, torch.Tensor]) -> list[str]:
+def _equal(a, b) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    import torch
+
+    return torch.equal(a, b)
+
+
+def check_dropped_values(plan_: Plan, source: Mapping[str, Any]) -> list[str]:
     """For tensors dropped because the forward mapping synthesized them: do they hold that value?"""
     failures = []
     for drop in plan_.checked_drops:
@@ -390,12 +398,12 @@ def check_dropped_values(plan_: Plan, source: Mapping[str, torch.Tensor]) -> lis
             continue
         expected = drop.rule.value.make(drop.env)
         actual = tensor(drop.step, source)
-        if actual.shape != expected.shape or not torch.equal(actual.to(expected.dtype), expected):
+        if actual.shape != expected.shape or not _equal(actual.to(expected.dtype), expected):
             failures.append(f"{origin}: holds values other than {drop.rule.value.describe()}; converting back would lose them")
     return failures
 
 
-def convert_state_dict(plan_: Plan, source: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_state_dict(plan_: Plan, source: Mapping[str, Any]) -> dict[str, Any]:
     """Every target tensor, in plan order (fan-out copies get their own storage)."""
     if not plan_.ok:
         raise ConversionError(plan_.problems(), report=plan_)

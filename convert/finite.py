@@ -11,37 +11,45 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
+
+from . import dtypes
 
 CHUNK = 1 << 22
 
 # float dtypes as unsigned integers: a value is NaN or Inf exactly when all its exponent bits are set
 _EXPONENT_MASKS = {
-    torch.float64: (np.uint64, 0x7FF0000000000000),
-    torch.float32: (np.uint32, 0x7F800000),
-    torch.float16: (np.uint16, 0x7C00),
-    torch.bfloat16: (np.uint16, 0x7F80),
+    "float64": (np.uint64, 0x7FF0000000000000),
+    "float32": (np.uint32, 0x7F800000),
+    "float16": (np.uint16, 0x7C00),
+    "bfloat16": (np.uint16, 0x7F80),
 }
 
 
-def all_finite(value: torch.Tensor) -> bool:
-    """No NaN or Inf in ``value`` (always true for integer and empty tensors)."""
+def all_finite(value: Any, dtype: Any = None) -> bool:
+    """No NaN or Inf in ``value``, a torch tensor or a numpy array (``dtype`` names bfloat16 bits)."""
+    if isinstance(value, np.ndarray):
+        name = dtypes.name(dtype) if dtype is not None else value.dtype.name
+        return value.size == 0 or bytes_finite(memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8)), name)
     if not value.is_floating_point() or value.numel() == 0:
         return True
+    import torch
+
     value = value.detach().cpu()
     if not value.is_contiguous():
         value = value.contiguous()
     return bytes_finite(memoryview(value.reshape(-1).view(torch.uint8).numpy()), value.dtype)
 
 
-def bytes_finite(data: memoryview, dtype: torch.dtype) -> bool:
+def bytes_finite(data: memoryview, dtype: Any) -> bool:
     """No NaN or Inf among the values of ``dtype`` stored in ``data`` (native byte order)."""
+    dtype = dtypes.name(dtype)
     if dtype not in _EXPONENT_MASKS:
         return True
-    if dtype in (torch.float32, torch.float64):
-        values = np.frombuffer(data, dtype=np.float32 if dtype == torch.float32 else np.float64)
+    if dtype in ("float32", "float64"):
+        values = np.frombuffer(data, dtype=dtype)
         with np.errstate(over="ignore", invalid="ignore"):
             total = np.add.reduce(values)  # one pass; NaN and Inf always make the sum non-finite
         if np.isfinite(total):
@@ -59,7 +67,7 @@ class ByteRange:
     key: str
     offset: int
     nbytes: int
-    dtype: torch.dtype
+    dtype: str
 
 
 class FileFiniteCheck:
@@ -67,7 +75,7 @@ class FileFiniteCheck:
 
     def __init__(self, fd: int, ranges: list[ByteRange]):
         self._fd = fd
-        self._ranges = [r for r in ranges if r.dtype in _EXPONENT_MASKS and r.nbytes]
+        self._ranges = [r for r in ranges if dtypes.name(r.dtype) in _EXPONENT_MASKS and r.nbytes]
         self._bad: list[str] = []
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="finite check", daemon=True)
@@ -90,7 +98,7 @@ class FileFiniteCheck:
 
 
 def _range_finite(fd: int, item: ByteRange, buffer: bytearray) -> bool:
-    itemsize = torch.empty((), dtype=item.dtype).element_size()
+    itemsize = dtypes.get(item.dtype).itemsize
     step = len(buffer) - len(buffer) % itemsize
     view = memoryview(buffer)
     done = 0

@@ -2,7 +2,8 @@
 
 An op is built from its YAML spelling (``{swap_blocks: {dim: 1, sizes: [M, M]}}``) and evaluated
 lazily: ``apply(tensor, env)`` runs it forward, ``inverse()`` returns the op that undoes it.  Every op
-works on meta tensors too, so the engine learns target shapes without touching data.
+takes a :class:`Spec` (shape and dtype only: how the engine plans without data), a numpy array (how
+``lic-convert`` computes tensors, without importing torch) or a torch tensor (verification, ``--inverse``).
 
 Pure renames have no op at all: the target tensor *is* the source tensor (no copy).
 """
@@ -12,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import torch
+import numpy as np
 
-from . import expr
+from . import dtypes, expr
 
 
 class OpError(ValueError):
@@ -26,7 +27,7 @@ class Op:
     #: True when the op changes values or their order (the result needs its own storage)
     rewrites_values: bool = True
 
-    def apply(self, tensor: torch.Tensor, env: Mapping[str, Any]) -> torch.Tensor:
+    def apply(self, tensor, env: Mapping[str, Any]):
         raise NotImplementedError
 
     def inverse(self) -> "Op":
@@ -40,11 +41,54 @@ class Op:
         return set()
 
 
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int32, torch.int64)
+class Spec:
+    """The shape and dtype (a name) of a tensor to be: what planning pushes through the ops."""
+
+    __slots__ = ("shape", "dtype")
+    is_meta = True
+
+    def __init__(self, shape, dtype):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtypes.name(dtype)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def permute(self, *dims: int) -> "Spec":
+        return Spec([self.shape[d] for d in dims], self.dtype)
+
+    def contiguous(self) -> "Spec":
+        return self
+
+    def reshape(self, shape) -> "Spec":
+        target = Spec(shape, self.dtype)
+        if target.numel() != self.numel():
+            raise ValueError(f"shape {list(target.shape)} is invalid for input of size {self.numel()}")
+        return target
+
+    def __repr__(self) -> str:
+        return f"Spec({list(self.shape)}, {self.dtype})"
 
 
-def _env_with_shape(env: Mapping[str, Any], tensor: torch.Tensor) -> dict[str, Any]:
-    return {**env, "shape": list(tensor.shape), "ndim": tensor.dim()}
+def spec_of(tensor) -> Spec:
+    return tensor if isinstance(tensor, Spec) else Spec(tensor.shape, tensor.dtype)
+
+
+_NUMPY_DTYPES = ("float32", "float64", "float16", "int32", "int64")
+
+
+def _ndim(tensor) -> int:
+    return tensor.ndim if isinstance(tensor, np.ndarray) else tensor.dim()
+
+
+def _env_with_shape(env: Mapping[str, Any], tensor) -> dict[str, Any]:
+    return {**env, "shape": list(tensor.shape), "ndim": _ndim(tensor)}
 
 
 @dataclass(frozen=True)
@@ -63,7 +107,7 @@ class SwapBlocks(Op):
         sizes = [expr.evaluate(s, local) for s in self.sizes]
         if len(sizes) != 2 or any(not isinstance(s, int) or s <= 0 for s in sizes):
             raise OpError(f"swap_blocks needs two positive block sizes, got {sizes}")
-        if tensor.dim() <= self.dim or tensor.shape[self.dim] < sum(sizes):
+        if _ndim(tensor) <= self.dim or tensor.shape[self.dim] < sum(sizes):
             raise OpError(
                 f"swap_blocks on dim {self.dim} needs at least {sum(sizes)} channels, tensor has shape {list(tensor.shape)}"
             )
@@ -71,17 +115,23 @@ class SwapBlocks(Op):
 
     def apply(self, tensor, env):
         a, b = self._sizes(tensor, env)
-        if tensor.is_meta:  # planning: the shape is unchanged (torch.cat on meta pulls in torch._dynamo)
-            return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-        if tensor.dtype in _NUMPY_DTYPES:
+        if getattr(tensor, "is_meta", False):  # planning: the shape is unchanged
+            return spec_of(tensor)
+        if isinstance(tensor, np.ndarray):
+            return self._swap(tensor, a, b)
+        if dtypes.name(tensor.dtype) in _NUMPY_DTYPES:
             # numpy copies the blocks in one thread; torch's threaded cat is slower on small machines
-            import numpy as np
+            import torch
 
-            array = tensor.detach().cpu().numpy()
-            first, second, rest = np.split(array, [a, a + b], axis=self.dim)
-            return torch.from_numpy(np.concatenate([second, first, rest], axis=self.dim))
+            return torch.from_numpy(self._swap(tensor.detach().cpu().numpy(), a, b))
+        import torch
+
         first, second, rest = torch.split(tensor, [a, b, tensor.shape[self.dim] - a - b], dim=self.dim)
         return torch.cat([second, first, rest], dim=self.dim)
+
+    def _swap(self, array: np.ndarray, a: int, b: int) -> np.ndarray:
+        first, second, rest = np.split(array, [a, a + b], axis=self.dim)
+        return np.concatenate([second, first, rest], axis=self.dim)
 
     def inverse(self):
         return SwapBlocks(self.dim, (self.sizes[1], self.sizes[0]))
@@ -99,8 +149,10 @@ class Permute(Op):
     name = "permute"
 
     def apply(self, tensor, env):
-        if tensor.dim() != len(self.dims):
+        if _ndim(tensor) != len(self.dims):
             raise OpError(f"permute{list(self.dims)} needs a {len(self.dims)}-d tensor, got shape {list(tensor.shape)}")
+        if isinstance(tensor, np.ndarray):
+            return np.ascontiguousarray(np.transpose(tensor, self.dims))
         return tensor.permute(*self.dims).contiguous()
 
     def inverse(self):
@@ -127,13 +179,13 @@ class Reshape(Op):
     name = "reshape"
 
     def apply(self, tensor, env):
-        if tensor.dim() != len(self.source):
+        if _ndim(tensor) != len(self.source):
             raise OpError(f"reshape expects a {len(self.source)}-d tensor matching {list(self.source)}, got {list(tensor.shape)}")
         bound = _bind_shape(self.source, list(tensor.shape), env)
         shape = [expr.evaluate(t, bound) for t in self.target]
         try:
             return tensor.reshape(shape)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             raise OpError(f"reshape {list(tensor.shape)} -> {shape}: {exc}") from None
 
     def inverse(self):
@@ -259,7 +311,41 @@ class Generator:
     args: Any
     dtype: str = "float32"
 
-    def make(self, env: Mapping[str, Any]) -> torch.Tensor:
+    def shape(self, env: Mapping[str, Any]) -> list[int]:
+        """The shape ``make`` will give, without making the values (how planning sizes it)."""
+        if self.kind == "eye":
+            n = int(expr.evaluate(self.args, env))
+            return [n, n]
+        if self.kind == "zeros":
+            return [int(expr.evaluate(s, env)) for s in self.args]
+        if self.kind == "literal":
+            return list(self.args["shape"])
+        if self.kind == "relative_position_index":
+            w = int(expr.evaluate(self.args, env))
+            return [w * w, w * w]
+        raise OpError(f"unknown generator {self.kind!r}")
+
+    def spec(self, env: Mapping[str, Any]) -> Spec:
+        return Spec(self.shape(env), self.dtype)
+
+    def make_array(self, env: Mapping[str, Any]) -> np.ndarray:
+        """The values as a numpy array (the torch-free path of ``lic-convert``)."""
+        info = dtypes.get(self.dtype)
+        if self.dtype == "bfloat16":
+            raise OpError("a bfloat16 generator needs torch; this path only handles numpy dtypes")
+        shape = self.shape(env)
+        if self.kind == "eye":
+            return np.eye(shape[0], dtype=info.numpy)
+        if self.kind == "zeros":
+            return np.zeros(shape, dtype=info.numpy)
+        if self.kind == "literal":
+            return np.asarray(self.args["values"], dtype=np.float64).astype(info.numpy).reshape(shape)
+        return relative_position_index_array(int(expr.evaluate(self.args, env))).astype(info.numpy)
+
+    def make(self, env: Mapping[str, Any]):
+        """The values as a torch tensor."""
+        import torch
+
         dtype = getattr(torch, self.dtype)
         if self.kind == "eye":
             return torch.eye(int(expr.evaluate(self.args, env)), dtype=dtype)
@@ -269,7 +355,7 @@ class Generator:
             values = torch.tensor(self.args["values"], dtype=torch.float64).to(dtype)
             return values.reshape(self.args["shape"])
         if self.kind == "relative_position_index":
-            return relative_position_index(int(expr.evaluate(self.args, env))).to(dtype)
+            return torch.from_numpy(relative_position_index_array(int(expr.evaluate(self.args, env)))).to(dtype)
         raise OpError(f"unknown generator {self.kind!r}")
 
     def describe(self) -> str:
@@ -278,16 +364,23 @@ class Generator:
         return f"{self.kind}({self.args})"
 
 
-def relative_position_index(window: int) -> torch.Tensor:
+def relative_position_index_array(window: int) -> np.ndarray:
     """Swin's index of relative offsets within a ``window x window`` window: shape ``[w*w, w*w]``, int64.
 
     Entry ``[p, q]`` is ``(di + w - 1) * (2w - 1) + (dj + w - 1)`` where ``(di, dj)`` is the row/column
     offset of token ``p`` from token ``q`` (tokens in row-major order).
     """
-    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
-    coords = torch.stack([rows.flatten(), cols.flatten()])
+    rows, cols = np.meshgrid(np.arange(window), np.arange(window), indexing="ij")
+    coords = np.stack([rows.reshape(-1), cols.reshape(-1)])
     delta = coords[:, :, None] - coords[:, None, :] + (window - 1)
-    return delta[0] * (2 * window - 1) + delta[1]
+    return (delta[0] * (2 * window - 1) + delta[1]).astype(np.int64)
+
+
+def relative_position_index(window: int):
+    """:func:`relative_position_index_array` as a torch tensor."""
+    import torch
+
+    return torch.from_numpy(relative_position_index_array(window))
 
 
 def build_generator(spec: Any) -> Generator:
@@ -324,6 +417,6 @@ def build_generator(spec: Any) -> Generator:
     else:
         raise OpError(f"unknown generator {kind!r} (known: eye, zeros, literal, relative_position_index)")
     dtype = dtype or "float32"
-    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+    if not isinstance(dtype, str) or not dtypes.known(dtype) or dtype.startswith("torch."):
         raise OpError(f"unknown dtype {dtype!r}")
     return Generator(kind, args, dtype)

@@ -18,17 +18,12 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-import torch
+import numpy as np
 
+from . import dtypes
 from .errors import OutputError
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
 @contextlib.contextmanager
@@ -101,7 +96,11 @@ class FileRange:
     nbytes: int
 
 
-def _raw_bytes(t: torch.Tensor) -> memoryview:
+def _raw_bytes(t) -> memoryview:
+    if isinstance(t, np.ndarray):
+        return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -189,22 +188,39 @@ class _Output:
             done += got
 
 
-def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str]) -> tuple[bytes, int]:
+def _header(entries: list[tuple[str, tuple[int, ...], Any]], metadata: dict[str, str]) -> tuple[bytes, int]:
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
     for key, shape, dtype in entries:
-        if dtype not in SAFETENSORS_DTYPES:
-            raise OutputError(f"{key}: dtype {dtype} cannot be stored in safetensors")
-        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        if not dtypes.known(dtype):
+            raise OutputError(f"{key}: dtype {dtypes.name(dtype)} cannot be stored in safetensors")
+        info = dtypes.get(dtype)
+        nbytes = _numel(shape) * info.itemsize
+        header[key] = {"dtype": info.safetensors, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     return json.dumps(header, separators=(",", ":")).encode("utf-8"), offset
 
 
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _holds(value, shape, dtype) -> bool:
+    """Whether a produced value has the planned shape and dtype (numpy holds bfloat16 as uint16 bits)."""
+    if tuple(value.shape) != tuple(shape):
+        return False
+    if isinstance(value, np.ndarray):
+        return value.dtype == np.dtype(dtypes.get(dtype).numpy)
+    return dtypes.name(value.dtype) == dtypes.name(dtype)
+
+
 def write_safetensors(
     path: Path,
-    entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-    produce: Callable[[str], "torch.Tensor | FileRange"],
+    entries: Iterable[tuple[str, tuple[int, ...], Any]],
+    produce: Callable[[str], Any],
     metadata: dict[str, str],
     *,
     progress: Callable[[int], None] | None = None,
@@ -232,10 +248,11 @@ def write_safetensors(
                     nbytes = value.nbytes
                     out.copy(value)
                 else:
-                    if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+                    if not _holds(value, shape, dtype):
                         raise OutputError(f"{key}: produced {list(value.shape)} {value.dtype}, planned {list(shape)} {dtype}")
-                    nbytes = value.numel() * value.element_size()
-                    out.write(_raw_bytes(value))
+                    data = _raw_bytes(value)
+                    nbytes = data.nbytes
+                    out.write(data)
                 if progress is not None:
                     progress(nbytes)
             if final_metadata is not None:
@@ -259,6 +276,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def write_torch(path: Path, obj) -> None:
     """``torch.save`` atomically; tensors viewing a shared (e.g. memory-mapped) buffer are copied first."""
+    import torch
 
     def own(value):
         if isinstance(value, torch.Tensor):
