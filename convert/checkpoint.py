@@ -354,6 +354,26 @@ def _safetensors_locations(path: Path) -> dict[str, TensorLocation]:
     return locations
 
 
+class _FileMapping:
+    """Torch tensors over one private, read-only-in-practice mapping of a torch zip (pages load on use)."""
+
+    def __init__(self, path: Path, places: dict[str, tuple[int, int]]):
+        import torch
+
+        self._torch = torch
+        self._places = places
+        self._file = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+        self._storages: dict[str, Any] = {}
+
+    def tensor(self, record: TensorRecord):
+        key = record.storage.key
+        if key not in self._storages:
+            start, nbytes = self._places[key]
+            self._storages[key] = self._file[start: start + nbytes]
+        dtype = dtypes.to_torch(record.dtype)
+        return self._torch.empty(0, dtype=dtype).set_(self._storages[key], record.offset, record.shape, record.stride)
+
+
 def _is_tensor(value: Any) -> bool:
     if isinstance(value, TensorRecord):
         return True
@@ -381,13 +401,16 @@ def _find_state_dict(obj: Any, path: Path) -> tuple[Any, str | None, list[str]]:
     )
 
 
-def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, lazy: bool = False) -> SourceCheckpoint:
+def read_checkpoint(
+    path: str | os.PathLike, *, trust_pickle: bool = False, lazy: bool = False, check_now: bool = True
+) -> SourceCheckpoint:
     """Read a checkpoint file into a flat, cleaned state dict.
 
     ``module.`` is removed from every key the way the upstream eval scripts do it
     (``key.replace("module.", "")``).  Non-tensor values inside the state dict are refused.
 
-    Eager reading waits for the file's integrity scan.  With ``lazy=True`` the state dict holds
+    Eager reading waits for the file's integrity scan (unless ``check_now=False``: then reading
+    ``source.sha256`` waits, and raises if the file is damaged).  With ``lazy=True`` the state dict holds
     :class:`~.ops.Spec` records (see the module's doc) and the scan goes on in the background:
     ``source.sha256`` waits for it and raises if the file is damaged, so read it before trusting
     anything copied from the file.
@@ -405,18 +428,21 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, lazy
             if locations is not None:
                 locate = lambda key, original, value: locations[original]  # noqa: E731
         else:
-            if lazy and not trust_pickle and zipfile.is_zipfile(path):
+            if not trust_pickle and zipfile.is_zipfile(path):
                 structure = torch_zip.read_structure(path)
             if structure is not None:
                 obj, places = structure
                 file_format = "torch-zip"
-                locate = lambda key, original, value: _record_location(path, key, value, places)  # noqa: E731
+                if lazy:
+                    locate = lambda key, original, value: _record_location(path, key, value, places)  # noqa: E731
+                else:  # tensors on a private mapping of the file, as torch.load(mmap=True) makes them
+                    mapped = _FileMapping(path, places)
             else:
                 obj, file_format, on_meta = _load_torch(path, trust_pickle, lazy, scan)
                 if on_meta:
                     locate = lambda key, original, value: _torch_location(path, key, value)  # noqa: E731
             state_dict, entry, ignored = _find_state_dict(obj, path)
-        if locate is None:
+        if locate is None and check_now:
             scan.result()
     except OSError as exc:  # permission checks can pass and reads still fail (ACLs, I/O errors)
         raise CheckpointError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
@@ -437,6 +463,8 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, lazy
             stripped += 1
         if key in cleaned:
             raise CheckpointError(f"{path}: key {key!r} appears twice once 'module.' prefixes are removed")
+        if isinstance(value, TensorRecord) and locate is None:
+            value = mapped.tensor(value)
         if locate is not None:
             found = locate(key, original, value)
             if found is None:  # this torch did not record offsets: read the ordinary way

@@ -19,6 +19,7 @@ import torch
 from conftest import upstream_checkpoint
 from lic_checkpoints.convert import api, writer
 from lic_checkpoints.convert.checkpoint import read_checkpoint
+from lic_checkpoints.verify.builders import build_target, build_upstream, canonical_upstream_names
 
 NAMES = ("tcm_n64", "dcae")  # one with synthesized buffers, one with swapped channel blocks
 
@@ -80,6 +81,24 @@ def test_renamed_tensors_share_the_source_storage(in_memory):
         got, src = tensors[step.target], state[step.sources[0]]
         assert got.untyped_storage().data_ptr() == src.untyped_storage().data_ptr(), step.target
         assert got.data_ptr() == src.data_ptr(), step.target
+
+
+def test_verified_models_share_the_source_storage(in_memory, checkpoint):
+    """The two models lic-verify builds hold the renamed tensors as the very pages of the mapped file."""
+    tensors, result = in_memory
+    detection, source = result.detection, result.source.state_dict
+    variant = detection.variant
+    upstream = build_upstream(detection.family, variant.upstream_kwargs, source).state_dict(keep_vars=True)
+    target = build_target(detection.family, variant.target_kwargs, tensors).state_dict(keep_vars=True)
+    names = dict(zip(source, canonical_upstream_names(source)))
+    ranges = file_mappings(checkpoint)
+    renames = [s for s in result.plan.steps if s.action == "rename" and source[s.sources[0]].numel()]
+    assert renames
+    for step in renames:
+        original = source[step.sources[0]]
+        assert target[step.target].data_ptr() == original.data_ptr(), step.target
+        assert upstream[names[step.sources[0]]].data_ptr() == original.data_ptr(), step.sources[0]
+        assert inside(original.data_ptr(), nbytes(original), ranges), step.sources[0]
 
 
 def test_changed_tensors_own_their_storage(in_memory, checkpoint):

@@ -171,3 +171,21 @@ def test_upstream_repo_reference_runs_in_its_own_process(checkpoints, tmp_path):
 def test_upstream_repo_without_models_package_is_a_usage_error(checkpoints, tmp_path):
     code, _, stderr = run([checkpoints("tcm_n64"), "--upstream-repo", tmp_path, "--tiers", "T0,T1"])
     assert code == 2 and "no 'models' package" in stderr
+
+
+def test_models_built_for_loading_run_no_parameter_initialiser():
+    """Structural (not timed): inside ``parameters_on_meta`` nn.init leaves parameters alone."""
+    from torch import nn
+
+    from lic_checkpoints.verify import builders
+
+    before = {n: getattr(nn.init, n) for n in builders.INITIALISERS if hasattr(nn.init, n)}
+    param, plain = nn.Parameter(torch.zeros(3, 4)), torch.zeros(3, 4)
+    with builders.parameters_on_meta():
+        nn.init.kaiming_uniform_(param)
+        nn.init.uniform_(plain, 1.0, 2.0)
+        conv = nn.Conv2d(256, 256, 3)
+    assert bool((param == 0).all())  # a parameter: skipped
+    assert bool((plain >= 1).all())  # a plain tensor (buffers are built this way): initialised
+    assert conv.weight.is_meta
+    assert {n: getattr(nn.init, n) for n in before} == before  # restored on leaving

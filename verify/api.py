@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import compressai.models  # noqa: F401 - see below
 import torch
 
 from lic_checkpoints.convert import api as convert_api
-from lic_checkpoints.convert import engine, layouts
+from lic_checkpoints.convert import engine, integrity, layouts
 from lic_checkpoints.convert.checkpoint import SourceCheckpoint, read_checkpoint
 from lic_checkpoints.convert.errors import LicError
 from lic_checkpoints.convert.finite import all_finite
@@ -28,22 +29,31 @@ from .tiers import CodedSide, TierResult, Tolerances, tier0, tier1, tier2, tier3
 
 ALL_TIERS = ("T0", "T1", "T2", "T3")
 
+# Every model the verifier builds is made of compressai layers and entropy models.  Importing the
+# compressai package takes seconds (its __init__ imports its datasets, hence torch_geometric and
+# scipy); like ``import torch`` that is paid once, when this module is imported, and not inside
+# each :func:`verify_checkpoint` call, whose time is then the verification's own.
+
 
 @dataclass
 class _Converted:
     tensors: dict[str, torch.Tensor]
     description: dict[str, Any]
+    read: SourceCheckpoint | None = None  # the converted file, when there is one
+
+
+def _converted_file(converted: str | Path) -> Path:
+    path = Path(converted)
+    return path / convert_api.MODEL_FILE if path.is_dir() else path
 
 
 def _load_converted(converted: str | Path | None, plan: engine.Plan, source: SourceCheckpoint) -> _Converted:
     if converted is None:
         tensors = {s.target: engine.tensor(s, source.state_dict, own_storage=True) for s in plan.steps}
         return _Converted(tensors, {"origin": "converted on the fly"})
-    path = Path(converted)
-    if path.is_dir():
-        path = path / convert_api.MODEL_FILE
-    read = read_checkpoint(path)
-    return _Converted(dict(read.state_dict), {"origin": "file", "file": str(path), "sha256": read.sha256})
+    path = _converted_file(converted)
+    read = read_checkpoint(path, check_now=False)
+    return _Converted(dict(read.state_dict), {"origin": "file", "file": str(path), "sha256": None}, read)
 
 
 def _forward(model, x: torch.Tensor, with_params: bool) -> dict[str, Any]:
@@ -142,7 +152,11 @@ def verify_checkpoint(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    source = read_checkpoint(src, trust_pickle=trust_pickle)
+    if converted is not None:
+        integrity.prefetch(_converted_file(converted))
+    # Both files' integrity scans (CRC of every record, sha256) run in the background while the
+    # tiers run; the report takes their hashes at the end, and a damaged file fails the check there.
+    source = read_checkpoint(src, trust_pickle=trust_pickle, check_now=False)
     detection, plan = convert_api.plan_conversion(source, family=family, mapping=mapping)
     conv = _load_converted(converted, plan, source) if plan.ok else _Converted({}, {"origin": "not converted"})
     test_images = images_mod.load(images)
@@ -151,7 +165,7 @@ def verify_checkpoint(
         family=detection.family,
         variant=detection.variant.name,
         variables=detection.variables,
-        source={"file": source.path.name, "sha256": source.sha256, "format": source.file_format},
+        source={"file": source.path.name, "sha256": None, "format": source.file_format},
         converted=conv.description,
         mapping={"file": mapping.file, "version": mapping.version, "sha256": mapping.sha256},
         reference=(f"the authors' {mapping.upstream['class']} from {upstream_repo}" if upstream_repo else
@@ -191,6 +205,9 @@ def verify_checkpoint(
         if not any(t.tier == name for t in report.tiers):
             report.tiers.append(TierResult(name, "", skipped="not run"))
     report.tiers.sort(key=lambda t: t.tier)
+    report.source["sha256"] = source.sha256  # waits for the scans; raises if a file is damaged
+    if conv.read is not None:
+        report.converted["sha256"] = conv.read.sha256
     timings["total"] = time.perf_counter() - started
     report.timings = {k: round(v, 3) for k, v in timings.items()}
     return report

@@ -2,9 +2,9 @@
 
 The reference side is our re-implementation of the authors' class (``models/upstream``); the target
 side is the CompressAI-layout class (``models/compressai``, or the installed compressai's own).  Both
-are built with their parameters on the meta device (each is initialised, then dropped at once, so at
-most one parameter's worth of memory is used; buffers stay real, so derived non-persistent buffers
-keep their values) and then take their tensors from the state dicts with ``assign=True``: every
+are built with their parameters on the meta device and their initialisers skipped (the values would
+be replaced anyway; buffers stay real, so derived non-persistent buffers keep their values) and then
+take their tensors from the state dicts with ``assign=True``: every
 tensor the mapping only renames is the *same* storage in both models (and the same memory-mapped
 pages of the checkpoint file).
 """
@@ -67,10 +67,34 @@ def _materialize(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn
 SMALL_PARAMETER = 1 << 16
 
 
+#: the in-place initialisers of ``torch.nn.init`` that modules call from ``__init__`` /
+#: ``reset_parameters``; while a model is built for loading they leave parameters alone
+INITIALISERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)
+
+
+def _skipping_parameters(initialiser):
+    def initialise(tensor, *args, **kwargs):
+        if isinstance(tensor, nn.Parameter):  # replaced by the state dict's tensor on loading
+            return tensor
+        return initialiser(tensor, *args, **kwargs)  # buffers and plain tensors keep their values
+
+    return initialise
+
+
 @contextlib.contextmanager
 def parameters_on_meta():
-    """Inside, every parameter a module registers is moved to the meta device right away."""
+    """Inside, every parameter a module registers is moved to the meta device right away, and the
+    ``torch.nn.init`` initialisers skip parameters (their values would be replaced on loading).
+
+    Buffers, and tensors a constructor fills before wrapping them as parameters, keep their values.
+    Only for building models that :func:`_materialize` then loads strictly: every parameter must come
+    from the state dict.
+    """
     original = nn.Module.register_parameter
+    initialisers = {name: getattr(nn.init, name) for name in INITIALISERS if hasattr(nn.init, name)}
 
     def register(module: nn.Module, name: str, param) -> None:
         if param is not None and not param.is_meta and param.numel() >= SMALL_PARAMETER:
@@ -78,10 +102,14 @@ def parameters_on_meta():
         original(module, name, param)
 
     nn.Module.register_parameter = register
+    for name, initialiser in initialisers.items():
+        setattr(nn.init, name, _skipping_parameters(initialiser))
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        for name, initialiser in initialisers.items():
+            setattr(nn.init, name, initialiser)
 
 
 def build_on_meta(cls: type[nn.Module], kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
