@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .. import __version__
 from . import detect as detect_mod
@@ -20,6 +20,9 @@ from .detect import Detection
 from .errors import CheckpointError, ConversionError, OutputError
 from .finite import ByteRange, FileFiniteCheck, all_finite
 from .writer import FileRange, output_lock, write_json, write_safetensors, write_torch
+
+if TYPE_CHECKING:  # the conversion itself never imports torch
+    import torch
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
