@@ -189,3 +189,21 @@ def test_lic_convert_runs_without_importing_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("no torch"), done.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_strided_and_shared_source_tensors_convert_like_torch(tmp_path):
+    """A renamed tensor stored with other strides, or inside a bigger storage, is computed, not copied."""
+    container = upstream_checkpoint("tcm_n64")
+    state = container["state_dict"]
+    strided = next(k for k, v in state.items() if v.dim() == 2 and v.shape[0] != v.shape[1])
+    state[strided] = state[strided].t().contiguous().t()  # same values, column-major storage
+    assert not state[strided].is_contiguous()
+    shared = next(k for k, v in state.items() if v.dim() == 1 and v.numel() > 8)
+    state[shared] = torch.cat([torch.zeros(3), state[shared]])[3:]  # a view 3 elements into its storage
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(container, path)
+    lazy = api.convert_checkpoint(path, tmp_path / "lazy")
+    assert lazy.source.lazy and not lazy.source.locations[strided].contiguous
+    api.convert_checkpoint(path, tmp_path / "eager", source=read_checkpoint(path))
+    for file in ("model.safetensors", "config.json"):
+        assert (tmp_path / "lazy" / file).read_bytes() == (tmp_path / "eager" / file).read_bytes(), file
