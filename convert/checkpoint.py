@@ -184,8 +184,6 @@ def _check_path(path: Path) -> None:
 
 def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) -> tuple[Any, str, bool]:
     """torch.load the file; returns (object, file format, whether its tensors are meta tensors)."""
-    import torch
-
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
         with open(path, "rb") as fh:
@@ -197,6 +195,8 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
                 f"{path}: not a PyTorch checkpoint (neither torch's zip format nor a pickle); check the file"
             )
     file_format = "torch-zip" if is_zip else "torch-legacy"
+    import torch  # only now: the checks above answer without it
+
     if trust_pickle:
         warnings.warn(
             f"loading {path} with full unpickling (--unsafe-trust-pickle): code inside the file can run",
