@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -63,10 +64,7 @@ class TensorLocation:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -219,16 +217,8 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
 
 
 def _offsets_usable(path: Path) -> bool:
-    """Whether tensor bytes can be copied from the file as they are: every record stored uncompressed,
-    in this machine's byte order (torch's ``byteorder`` record)."""
     with zipfile.ZipFile(path) as archive:
-        infos = archive.infolist()
-        if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
-            return False
-        record = next((i for i in infos if i.filename.endswith("/byteorder")), None)
-        if record is None:
-            return True  # archives from before the record existed were written little-endian in practice
-        return archive.read(record).decode(errors="replace").strip() == sys.byteorder
+        return torch_zip.copyable_as_stored(archive)
 
 
 def _torch_location(path: Path, key: str, value) -> TensorLocation | None:

@@ -10,6 +10,7 @@ Pure renames have no op at all: the target tensor *is* the source tensor (no cop
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -55,10 +56,7 @@ class Spec:
         return len(self.shape)
 
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def permute(self, *dims: int) -> "Spec":
         return Spec([self.shape[d] for d in dims], self.dtype)

@@ -89,13 +89,10 @@ def read_structure(path: Path) -> tuple[Any, dict[str, tuple[int, int]]] | None:
             if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
                 return None
             prefix = pickles[0].filename[: -len("data.pkl")]
-            order = next((i for i in infos if i.filename == prefix + "byteorder"), None)
-            if order is not None and archive.read(order).decode(errors="replace").strip() != sys.byteorder:
+            if not copyable_as_stored(archive):
                 return None
             data = archive.read(pickles[0])
             records = [i for i in infos if i.filename.startswith(prefix + "data/")]
-            if any(i.compress_type != zipfile.ZIP_STORED for i in records):
-                return None
         obj = _interpret(data)
         places = {info.filename[len(prefix) + len("data/"):]: (start, stop - start)
                   for start, stop, info in record_ranges(path, records)}
@@ -108,6 +105,17 @@ def read_structure(path: Path) -> tuple[Any, dict[str, tuple[int, int]]] | None:
         if place is None or not _fits(tensor, place[1]):
             return None
     return obj, places
+
+
+def copyable_as_stored(archive: zipfile.ZipFile) -> bool:
+    """Whether tensor bytes can be taken from the file as they are: every record stored uncompressed,
+    in this machine's byte order (torch's ``byteorder`` record; archives from before it existed were
+    written little-endian in practice)."""
+    infos = archive.infolist()
+    if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
+        return False
+    order = next((i for i in infos if i.filename.endswith("/byteorder")), None)
+    return order is None or archive.read(order).decode(errors="replace").strip() == sys.byteorder
 
 
 def _fits(tensor: TensorRecord, record_bytes: int) -> bool:

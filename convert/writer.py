@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import struct
 import tempfile
@@ -195,17 +196,10 @@ def _header(entries: list[tuple[str, tuple[int, ...], Any]], metadata: dict[str,
         if not dtypes.known(dtype):
             raise OutputError(f"{key}: dtype {dtypes.name(dtype)} cannot be stored in safetensors")
         info = dtypes.get(dtype)
-        nbytes = _numel(shape) * info.itemsize
+        nbytes = math.prod(int(s) for s in shape) * info.itemsize
         header[key] = {"dtype": info.safetensors, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     return json.dumps(header, separators=(",", ":")).encode("utf-8"), offset
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _holds(value, shape, dtype) -> bool:
