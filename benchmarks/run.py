@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -29,11 +30,27 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 THIS = Path(__file__).resolve()
-FULL_SET = ("dcae", "saaf", "tcm_n128")
-QUICK_SET = ("dcae",)
-SMALL, LARGE = "tcm_n64", "dcae"  # the two sizes of the scaling section
-VERIFY_MODEL = "tcm_n64"  # the smallest model keeps the verify section inside the time budget
 MB = 1e6
+
+
+def _configurations_by_size() -> list[tuple[int, str, str]]:
+    """(upstream bytes, configuration, family) of every registered configuration, smallest first."""
+    from lic_checkpoints.convert import dtypes, layouts, registry
+
+    sized = []
+    for c in registry.configurations():
+        entries = layouts.load(c.name, "upstream").entries
+        size = sum(math.prod(e.shape or ()) * dtypes.get(e.dtype).itemsize for e in entries)
+        sized.append((size, c.name, c.family.family))
+    return sorted(sized)
+
+
+_SIZED = _configurations_by_size()
+#: the largest configuration of each family
+FULL_SET = tuple(sorted({family: name for _, name, family in _SIZED}.values()))
+SMALL, LARGE = _SIZED[0][1], _SIZED[-1][1]  # the two sizes of the scaling section
+QUICK_SET = (LARGE,)
+VERIFY_MODEL = SMALL  # the smallest model keeps the verify section inside the time budget
 
 TARGETS = {
     "lic-convert wall / naive wall": 0.8,  # at most
@@ -193,13 +210,18 @@ def child_timed_copy(src: str, dst: str) -> None:
 
 
 def _family_of(name: str) -> str:
-    return "tcm" if name.startswith("tcm_n") else "tcm_auxt" if name.startswith("tcm_auxt") else name
+    from lic_checkpoints.convert import registry
+
+    return registry.configuration(name).family.family
 
 
 def child_bare_model(side: str, name: str, checkpoint: str, converted_dir: str, image: str) -> None:
     """Load one model the ordinary way (constructor + load_state_dict) and run one forward pass."""
-    import compressai.models  # noqa: F401 - imported before the clock starts, as lic-verify's child does
+    import importlib
+
     import torch
+
+    importlib.import_module("compressai.models")  # before the clock starts, as lic-verify's child does
     from safetensors.torch import load_file
 
     from lic_checkpoints.convert import api
@@ -445,7 +467,7 @@ def describe_machine() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 runs, only DCAE for the single-file section, verify at 256 px only")
+    parser.add_argument("--quick", action="store_true", help="3 runs, only the largest configuration for the single-file section, verify at 256 px only")
     parser.add_argument("--runs", type=int, default=None, help="measured runs per number (default 5; 3 with --quick)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--sections", default="single,many,scaling,verify",

@@ -1,13 +1,15 @@
 """The public conversion functions: one way in for the CLI, the tests, ``lic-verify`` and the benchmarks.
 
 ``convert_checkpoint``: upstream checkpoint -> ``model.safetensors`` + ``config.json`` (CompressAI layout).
-``restore_checkpoint``: a converted file -> the upstream layout again (``--inverse``).
+``restore_checkpoint``: a converted file -> the upstream layout again (``--inverse``), spelled the way
+the source spelled its keys (:class:`Spelling`, recorded by the conversion) unless asked for canonical names.
 ``plan_conversion`` / ``convert_in_memory``: the same without writing, for verification.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -19,6 +21,7 @@ from .checkpoint import SourceCheckpoint, read_checkpoint
 from .detect import Detection
 from .errors import CheckpointError, ConversionError, OutputError
 from .finite import ByteRange, FileFiniteCheck, all_finite
+from .ops import Spec
 from .writer import FileRange, output_lock, write_json, write_safetensors, write_torch
 
 if TYPE_CHECKING:  # the conversion itself never imports torch
@@ -27,6 +30,203 @@ if TYPE_CHECKING:  # the conversion itself never imports torch
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CONFIG_FORMAT = "lic-checkpoints/config-v1"
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How a source checkpoint spelled its keys: recorded by the conversion, given back by ``--inverse``.
+
+    The restored name of each tensor is its canonical upstream name with the source's ``from:``
+    alternatives (``alternatives``), then ``key_prefix`` in front, then ``renamed_keys`` for the keys
+    those two do not give back; the tensors come in the layout's order unless ``key_order`` says
+    otherwise; the state dict goes into ``container_entry``.
+    """
+
+    #: put in front of every key (``module.`` from DataParallel); "" for none.  With a prefix on only
+    #: some keys it is the most common one, and ``renamed_keys`` holds the others.
+    key_prefix: str = ""
+    #: rule name -> index of the ``from:`` alternative the source used (with mixed use: the most used)
+    alternatives: Mapping[str, int] = field(default_factory=dict)
+    #: key as prefix and alternatives spell it -> key as the source stored it, where those differ
+    renamed_keys: Mapping[str, str] = field(default_factory=dict)
+    #: None: the source's order is the layout's; else ``[start, length]`` runs of the layout's order,
+    #: concatenated in the source's order
+    key_order: tuple[tuple[int, int], ...] | None = None
+    #: the top-level entry that holds the state dict (``state_dict``, ``model``, ...); None: a bare state dict
+    container_entry: str | None = "state_dict"
+    #: the container's other top-level entries (optimizer, epoch, ...): listed, never restored
+    other_entries: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key_prefix": self.key_prefix,
+            "alternatives": dict(self.alternatives),
+            "renamed_keys": dict(self.renamed_keys),
+            "key_order": [list(run) for run in self.key_order] if self.key_order is not None else None,
+            "container_entry": self.container_entry,
+            "other_entries": list(self.other_entries),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "Spelling":
+        """Read a recorded spelling; anything malformed is a one-line error naming ``where``."""
+
+        def bad(what: str) -> CheckpointError:
+            return CheckpointError(f"{where}: the recorded key spelling is malformed ({what}); "
+                                   "convert back with --canonical")
+
+        if not isinstance(data, dict):
+            raise bad("not an object")
+        prefix = data.get("key_prefix", "")
+        alternatives = data.get("alternatives", {})
+        renamed = data.get("renamed_keys", {})
+        order = data.get("key_order")
+        entry = data.get("container_entry", "state_dict")
+        others = data.get("other_entries", [])
+        if not isinstance(prefix, str):
+            raise bad("key_prefix is not a string")
+        if not isinstance(alternatives, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in alternatives.values()):
+            raise bad("alternatives is not a map of rule names to indexes")
+        if not isinstance(renamed, dict) or not all(isinstance(v, str) for v in renamed.values()):
+            raise bad("renamed_keys is not a map of keys to keys")
+        if order is not None and not (isinstance(order, list) and all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(n, int) and n >= 0 for n in r) for r in order)):
+            raise bad("key_order is not a list of [start, length] runs")
+        if entry is not None and not isinstance(entry, str):
+            raise bad("container_entry is not a string")
+        if not isinstance(others, list) or not all(isinstance(k, str) for k in others):
+            raise bad("other_entries is not a list of names")
+        return cls(prefix, dict(alternatives), dict(renamed),
+                   tuple((a, b) for a, b in order) if order is not None else None, entry, tuple(others))
+
+    def describe(self) -> str:
+        parts = [f"prefix {self.key_prefix!r}" if self.key_prefix else "no prefix"]
+        used = sorted(name for name, index in self.alternatives.items() if index)
+        if used:
+            parts.append(f"alternative names for {len(used)} rule(s) ({', '.join(used)})")
+        if self.renamed_keys:
+            parts.append(f"{len(self.renamed_keys)} key(s) named one by one")
+        if self.key_order is not None:
+            parts.append("the source's key order")
+        parts.append(f"in {self.container_entry!r}" if self.container_entry else "a bare state dict")
+        return ", ".join(parts)
+
+
+#: upstream's plain names: no prefix, the first alternative of every rule, ``{"state_dict": ...}``
+CANONICAL = Spelling()
+
+
+def source_spelling(
+    plan: engine.Plan,
+    source_keys: list[str],
+    stored_as: Mapping[str, str],
+    upstream_layout: layouts.Layout | None,
+    *,
+    container_entry: str | None = None,
+    other_entries: tuple[str, ...] | list[str] = (),
+) -> Spelling:
+    """How the source of the forward ``plan`` spelled its keys.
+
+    ``source_keys``: the source's keys as read (``module.`` removed), in the file's order;
+    ``stored_as``: key as read -> key as the file stores it, for the keys reading changed.
+    Alternatives come from the plan's counts.  When the plan is complete, the inverse is
+    planned on the converted shapes (no tensor is read) and its result compared with the source's
+    keys: ``renamed_keys`` then lists every key prefix and alternatives do not give back, and
+    ``key_order`` the source's order when it is not the layout's, so that the recorded spelling
+    restores every key exactly.
+    """
+    prefix = _common_prefix(source_keys, stored_as)
+    alternatives = {name: max(sorted(counts), key=lambda i: counts[i]) for name, counts in plan.alternatives.items()}
+    spelling = Spelling(prefix, alternatives, {}, None, container_entry, tuple(other_entries))
+    if not plan.ok:
+        return spelling
+    specs = {s.target: Spec(s.shape, s.dtype) for s in plan.steps}
+    inverse = engine.plan(specs, plan.detection, upstream_layout, direction=engine.INVERSE, alternatives=alternatives)
+    if not inverse.ok:
+        return spelling
+    origin = {s.target: s.sources[0] for s in plan.steps if s.sources}
+    dropped: dict[str, list[str]] = {}
+    for key, rule in plan.dropped:
+        dropped.setdefault(rule.name, []).append(key)
+    restored: list[str] = []
+    originals: list[str | None] = []
+    for step in inverse.steps:
+        spelled = step.spelled or step.target
+        if step.sources:
+            cleaned = origin.get(step.sources[0])
+        else:  # a derived buffer the conversion dropped: the inverse regenerates it under its own name
+            pool = dropped.get(step.rule.name, [])
+            cleaned = spelled if spelled in pool else None
+            if cleaned is not None:
+                pool.remove(cleaned)
+        restored.append(prefix + spelled)
+        originals.append(stored_as.get(cleaned, cleaned) if cleaned is not None else None)
+    renamed = {r: o for r, o in zip(restored, originals) if o is not None and r != o}
+    rank = {stored_as.get(k, k): i for i, k in enumerate(source_keys)}
+    paired = sorted((j for j, o in enumerate(originals) if o is not None), key=lambda j: rank[originals[j]])
+    sequence = paired + [j for j, o in enumerate(originals) if o is None]
+    order = None if sequence == list(range(len(sequence))) else _runs(sequence)
+    return Spelling(prefix, alternatives, renamed, order, container_entry, tuple(other_entries))
+
+
+def _common_prefix(source_keys: list[str], stored_as: Mapping[str, str]) -> str:
+    """The text most keys have in front of their name as read ("" when most have none)."""
+    fronts: Counter[str] = Counter()
+    for key in source_keys:
+        stored = stored_as.get(key, key)
+        if stored.endswith(key):
+            fronts[stored[: len(stored) - len(key)]] += 1
+    if not fronts:
+        return ""
+    return max(sorted(fronts), key=fronts.__getitem__)  # ties: the shortest, so "" before "module."
+
+
+def _runs(sequence: list[int]) -> tuple[tuple[int, int], ...]:
+    """``[start, length]`` runs of consecutive indexes that concatenate to ``sequence``."""
+    runs: list[list[int]] = []
+    for index in sequence:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, 1])
+    return tuple((a, b) for a, b in runs)
+
+
+def _expand_runs(runs: tuple[tuple[int, int], ...], count: int, where: str) -> list[int]:
+    order = [i for start, length in runs for i in range(start, start + length)]
+    if sorted(order) != list(range(count)):
+        raise ConversionError(f"{where}: the recorded key order does not fit the {count} tensors restored; "
+                              "convert back with --canonical")
+    return order
+
+
+def spelling_of(source: SourceCheckpoint, plan: engine.Plan, upstream_layout: layouts.Layout | None) -> Spelling:
+    """:func:`source_spelling` of a read checkpoint (its keys in the file's order and its container)."""
+    return source_spelling(plan, list(source.state_dict), source.stored_as, upstream_layout,
+                           container_entry=source.container_entry, other_entries=source.ignored_entries)
+
+
+def spelled_steps(inverse: engine.Plan, spelling: Spelling, where: str) -> list[tuple[str, engine.Step]]:
+    """Each step of an inverse plan with the key it is written under, in the order it is written.
+
+    ``inverse`` must have been planned with ``spelling.alternatives``.  Raises a one-line
+    :class:`ConversionError` when the spelling does not fit the plan (recorded for another file).
+    """
+    compact = [spelling.key_prefix + (step.spelled or step.target) for step in inverse.steps]
+    stray = sorted(set(spelling.renamed_keys) - set(compact))
+    if stray:
+        raise ConversionError(f"{where}: the recorded spelling renames {stray[0]!r}, which this file does not "
+                              "give back; convert back with --canonical")
+    keys = [spelling.renamed_keys.get(key, key) for key in compact]
+    order = _expand_runs(spelling.key_order, len(keys), where) if spelling.key_order is not None else range(len(keys))
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            raise ConversionError(f"{where}: the recorded spelling names two tensors {key!r}; "
+                                  "convert back with --canonical")
+        seen.add(key)
+    return [(keys[i], inverse.steps[i]) for i in order]
 
 
 @dataclass
@@ -39,6 +239,7 @@ class ConversionResult:
     config: dict[str, Any] = field(default_factory=dict)
     non_finite: list[str] = field(default_factory=list)
     bytes_written: int = 0
+    spelling: Spelling | None = None  # how the source spelled its keys (set once the plan is complete)
 
     @property
     def family(self) -> str:
@@ -84,9 +285,13 @@ def convert_in_memory(
     detection, plan = plan_conversion(source, family=family)
     _require_ok(plan, source)
     tensors = {step.target: engine.tensor(step, source.state_dict, own_storage=True) for step in plan.steps}
-    result = ConversionResult(source, detection, plan)
+    result = ConversionResult(source, detection, plan, spelling=spelling_of(source, plan, _upstream_layout(detection)))
     result.config = build_config(result)
     return tensors, result
+
+
+def _upstream_layout(detection: Detection) -> layouts.Layout | None:
+    return layouts.load(detection.variant.layout, "upstream") if detection.variant.layout else None
 
 
 def build_config(result: ConversionResult, *, source_sha256: str | None = None) -> dict[str, Any]:
@@ -119,6 +324,7 @@ def build_config(result: ConversionResult, *, source_sha256: str | None = None) 
             "container_entry": src.container_entry,
             "ignored_entries": src.ignored_entries,
             "module_prefix_stripped_from": src.stripped_prefix_keys,
+            "spelling": result.spelling.to_json() if result.spelling is not None else None,
         },
         "report": report.summary(result.plan),
         "dtypes_preserved": result.plan.dtype_notes,
@@ -127,7 +333,7 @@ def build_config(result: ConversionResult, *, source_sha256: str | None = None) 
 
 
 def safetensors_metadata(config: Mapping[str, Any]) -> dict[str, str]:
-    return {
+    meta = {
         "format": "pt",
         "lic.family": config["family"],
         "lic.variant": config["variant"],
@@ -139,6 +345,10 @@ def safetensors_metadata(config: Mapping[str, Any]) -> dict[str, str]:
         "lic.target_class": config["target"]["class"],
         "lic.tool_version": config["tool"]["version"],
     }
+    spelling = config["source"].get("spelling")
+    if spelling is not None:  # so that a bare model.safetensors converts back to the source's names too
+        meta["lic.spelling"] = json.dumps(spelling, separators=(",", ":"))
+    return meta
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -183,7 +393,8 @@ _PENDING_SHA256 = "0" * 64
 def _convert(source: SourceCheckpoint, out_dir: Path, family, output_format, progress) -> ConversionResult:
     detection, plan = plan_conversion(source, family=family)
     _require_ok(plan, source)
-    result = ConversionResult(source, detection, plan, out_dir=out_dir)
+    result = ConversionResult(source, detection, plan, out_dir=out_dir,
+                              spelling=spelling_of(source, plan, _upstream_layout(detection)))
     _prepare_out_dir(out_dir)
     steps = plan.by_target()
     tensors = source.tensors
@@ -275,32 +486,76 @@ def _read_converted(path: Path) -> tuple[SourceCheckpoint, dict[str, Any] | None
     return read_checkpoint(path), None
 
 
+@dataclass
+class RestoreResult:
+    """What ``restore_checkpoint`` wrote.  Unpacks as the former ``(state_dict, plan)`` pair."""
+
+    state_dict: dict[str, torch.Tensor]  # as written: the keys in the restored spelling and order
+    plan: engine.Plan  # the inverse plan (canonical names; each step's ``spelled`` name)
+    out_file: Path
+    spelling: Spelling  # what was restored: the recorded spelling, or CANONICAL
+    recorded: bool  # whether ``spelling`` is the source's recorded one (False: canonical names)
+
+    def __iter__(self):
+        return iter((self.state_dict, self.plan))
+
+    @property
+    def detection(self) -> Detection:
+        return self.plan.detection
+
+
+def recorded_spelling(converted: SourceCheckpoint, config: Mapping[str, Any] | None) -> Spelling | None:
+    """The source's spelling as the conversion recorded it: config.json first, else the file's metadata."""
+    if config is not None and (config.get("source") or {}).get("spelling") is not None:
+        return Spelling.from_json(config["source"]["spelling"], f"{converted.path.parent / CONFIG_FILE}")
+    text = converted.metadata.get("lic.spelling")
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    return Spelling.from_json(data, str(converted.path))
+
+
 def restore_checkpoint(
     path: str | Path,
     out_file: str | Path,
     *,
     family: str | None = None,
     variant: str | None = None,
-) -> tuple[dict[str, torch.Tensor], engine.Plan]:
+    canonical: bool = False,
+) -> RestoreResult:
     """Turn a converted file (or output folder) back into the upstream layout and save it.
 
-    The result is ``{"state_dict": ...}`` in upstream key order, loadable by the authors' eval scripts.
-    Derived buffers the conversion dropped are regenerated to their exact upstream values.
+    By default the keys are spelled the way the source spelled them (its ``module.`` prefix, legacy
+    names, key order and container entry, as the conversion recorded them in config.json and in the
+    file's metadata), so upstream -> CompressAI -> upstream gives back the same file contents.  With
+    ``canonical=True``, or when nothing was recorded, the result is ``{"state_dict": ...}`` with
+    upstream's plain names in upstream key order.  Derived buffers the conversion dropped are
+    regenerated to their exact upstream values.
     """
     converted, config = _read_converted(Path(path))
     detection = _detection_of_converted(converted, config, family, variant)
-    layout = layouts.load(detection.variant.layout, "upstream") if detection.variant.layout else None
-    plan = engine.plan(converted.state_dict, detection, layout, direction=engine.INVERSE)
+    recorded = None if canonical else recorded_spelling(converted, config)
+    spelling = recorded or CANONICAL
+    layout = _upstream_layout(detection)
+    try:
+        plan = engine.plan(converted.state_dict, detection, layout, direction=engine.INVERSE,
+                           alternatives=spelling.alternatives)
+    except ConversionError as exc:
+        raise ConversionError(f"{converted.path}: {exc}") from None
     if not plan.ok:
         raise ConversionError(f"{converted.path}: cannot convert back: {plan.problems()}", report=plan)
     failures = engine.check_dropped_values(plan, converted.state_dict)
     if failures:
         raise ConversionError(f"{converted.path}: cannot convert back: {failures[0]}", report=plan)
-    state = {s.target: engine.tensor(s, converted.state_dict) for s in plan.steps}
+    named = spelled_steps(plan, spelling, str(converted.path))
+    state = {key: engine.tensor(step, converted.state_dict) for key, step in named}
     out_file = Path(out_file)
     _prepare_out_dir(out_file.parent)
-    write_torch(out_file, {"state_dict": state})
-    return state, plan
+    write_torch(out_file, state if spelling.container_entry is None else {spelling.container_entry: state})
+    return RestoreResult(state, plan, out_file, spelling, recorded is not None)
 
 
 def _detection_of_converted(converted: SourceCheckpoint, config, family, variant) -> Detection:

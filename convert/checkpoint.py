@@ -97,6 +97,8 @@ class SourceCheckpoint:
     container_entry: str | None  # e.g. "state_dict"; None for a bare state dict
     ignored_entries: list[str] = field(default_factory=list)
     stripped_prefix_keys: int = 0
+    #: cleaned key -> the key as the file stores it, for every key reading changed (``module.`` removed)
+    stored_as: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     size_bytes: int = 0
     locations: dict[str, TensorLocation] | None = None  # set when ``lazy``
@@ -106,6 +108,14 @@ class SourceCheckpoint:
     @property
     def lazy(self) -> bool:
         return self.locations is not None
+
+    def stored_key(self, key: str) -> str:
+        """The key ``key`` of :attr:`state_dict` as the file spells it."""
+        return self.stored_as.get(key, key)
+
+    def stored_keys(self) -> list[str]:
+        """Every key as the file spells it, in the file's order."""
+        return [self.stored_as.get(key, key) for key in self.state_dict]
 
     @property
     def sha256(self) -> str:
@@ -397,7 +407,8 @@ def read_checkpoint(
     """Read a checkpoint file into a flat, cleaned state dict.
 
     ``module.`` is removed from every key the way the upstream eval scripts do it
-    (``key.replace("module.", "")``).  Non-tensor values inside the state dict are refused.
+    (``key.replace("module.", "")``); :attr:`SourceCheckpoint.stored_as` keeps each changed key's
+    original spelling.  Non-tensor values inside the state dict are refused.
 
     Eager reading waits for the file's integrity scan (unless ``check_now=False``: then reading
     ``source.sha256`` waits, and raises if the file is damaged).  With ``lazy=True`` the state dict holds
@@ -439,6 +450,7 @@ def read_checkpoint(
 
     cleaned: OrderedDict[str, Any] = OrderedDict()
     where: dict[str, TensorLocation] = {}
+    stored_as: dict[str, str] = {}
     stripped = 0
     for key, value in state_dict.items():
         if not isinstance(key, str):
@@ -450,6 +462,7 @@ def read_checkpoint(
         original = key
         if "module." in key:
             key = key.replace("module.", "")
+            stored_as[key] = original
             stripped += 1
         if key in cleaned:
             raise CheckpointError(f"{path}: key {key!r} appears twice once 'module.' prefixes are removed")
@@ -475,6 +488,7 @@ def read_checkpoint(
         container_entry=entry,
         ignored_entries=[str(k) for k in ignored],
         stripped_prefix_keys=stripped,
+        stored_as=stored_as,
         metadata=metadata,
         size_bytes=path.stat().st_size,
         locations=where if locate is not None else None,

@@ -15,6 +15,8 @@ from pathlib import Path
 import click
 
 from .. import __version__
+from . import cli_options as listed
+from .cli_options import ListedOption
 from .errors import LicError
 
 PROGRESS_MIN_BYTES = 64 << 20
@@ -48,23 +50,29 @@ def _progress_for(size: int, enabled: bool):
 @click.argument("sources", nargs=-1, type=click.Path(path_type=Path, readable=False))
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path),
               help="Output folder (with several inputs: one sub-folder per input). Default: <name>-compressai/")
-@click.option("--family", help="Skip detection and treat the input as this family (dcae, saaf, tcm, tcm_auxt).")
+@click.option("--family", cls=ListedOption, listing=listed.families,
+              help="Skip detection and treat the input as this family ({names}).")
 @click.option("--variant", help="With --inverse on a file without lic-convert metadata: the variant name.")
 @click.option("--format", "output_format", type=click.Choice(["safetensors", "pth"]), default="safetensors",
               show_default=True, help="Output format of the weights.")
 @click.option("--inverse", is_flag=True,
-              help="Convert a lic-convert output (folder or .safetensors) back to the upstream layout.")
+              help="Convert a lic-convert output (folder or .safetensors) back to the upstream layout, with "
+                   "the source's own key spelling (prefix, legacy names, order, container entry).")
+@click.option("--canonical", is_flag=True,
+              help="With --inverse: write upstream's plain names instead (no prefix, current compressai "
+                   "names, upstream key order, {'state_dict': ...}).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the table.")
 @click.option("--full-report", is_flag=True, help="Show every row of the load report, not only problems and totals.")
-@click.option("--demo", "demo", metavar="NAME",
-              help="Synthesize an upstream checkpoint of a published configuration (dcae, saaf, tcm_n64, "
-                   "tcm_n128, tcm_auxt_n64), convert it and convert it back: no download needed.")
+@click.option("--demo", "demo", metavar="NAME", cls=ListedOption, listing=listed.configurations,
+              help="Synthesize an upstream checkpoint of a published configuration ({names}), "
+                   "convert it and convert it back: no download needed.")
 @click.option("--unsafe-trust-pickle", is_flag=True,
               help="DANGEROUS: fully unpickle the input, which can run code stored in it. Only for files "
                    "from a source you trust that torch's safe loader refuses.")
 @click.version_option(__version__, prog_name="lic-convert")
-def main(sources, out, family, variant, output_format, inverse, as_json, full_report, demo, unsafe_trust_pickle):
-    """Convert upstream checkpoints (DCAE, SAAF, TCM, TCM+AuxT) to the CompressAI layout.
+def main(sources, out, family, variant, output_format, inverse, canonical, as_json, full_report, demo,
+         unsafe_trust_pickle):
+    """Convert upstream checkpoints to the CompressAI layout.
 
     Writes OUT/model.safetensors and OUT/config.json for each SOURCE, after checking that every
     source tensor is used exactly once and every target tensor of the CompressAI layout is produced.
@@ -75,8 +83,10 @@ def main(sources, out, family, variant, output_format, inverse, as_json, full_re
             return
         if not sources:
             _fail("give a checkpoint to convert (or --demo NAME); see lic-convert --help")
+        if canonical and not inverse:
+            _fail("--canonical only applies to --inverse; add --inverse or drop --canonical")
         if inverse:
-            _run_inverse(sources, out, family, variant, as_json)
+            _run_inverse(sources, out, family, variant, canonical, as_json)
             return
         many = len(sources) > 1
         summaries = []
@@ -159,19 +169,25 @@ def _totals(plan) -> str:
     return "  " + ", ".join(f"{status.lower()} {n}" for status, n in counts.items())
 
 
-def _run_inverse(sources, out, family, variant, as_json):
+def _run_inverse(sources, out, family, variant, canonical, as_json):
     from . import api
 
     if len(sources) != 1:
         _fail("--inverse takes one converted folder or file")
     src = sources[0]
     out_file = out if out is not None and out.suffix else (out or Path(".")) / "upstream.pth.tar"
-    state, plan = api.restore_checkpoint(src, out_file, family=family, variant=variant)
+    result = api.restore_checkpoint(src, out_file, family=family, variant=variant, canonical=canonical)
+    detection = result.detection
     if as_json:
-        click.echo(json.dumps({"source": str(src), "out": str(out_file), "keys": len(state),
-                               "family": plan.detection.family, "variant": plan.detection.variant.name}, indent=2))
+        click.echo(json.dumps({"source": str(src), "out": str(out_file), "keys": len(result.state_dict),
+                               "family": detection.family, "variant": detection.variant.name,
+                               "spelling": "source" if result.recorded else "canonical",
+                               "restored": result.spelling.to_json()}, indent=2))
     else:
-        click.echo(f"{src}: {plan.detection.describe()} -> upstream layout, {len(state)} tensors")
+        click.echo(f"{src}: {detection.describe()} -> upstream layout, {len(result.state_dict)} tensors")
+        how = "the source's spelling" if result.recorded else (
+            "canonical names" if canonical else "canonical names (no spelling recorded)")
+        click.echo(f"  keys: {how}: {result.spelling.describe()}")
         click.echo(f"  wrote {out_file}")
 
 
@@ -185,8 +201,9 @@ def _run_demo(name, out, as_json):
     upstream = demo.demo_checkpoint(name, out / f"{name}-upstream.pth.tar")
     result = api.convert_checkpoint(upstream, out / f"{name}-compressai")
     restored_path = out / f"{name}-roundtrip.pth.tar"
-    restored, _ = api.restore_checkpoint(result.out_dir, restored_path)
-    original = read_checkpoint(upstream).state_dict
+    restored = api.restore_checkpoint(result.out_dir, restored_path).state_dict
+    source = read_checkpoint(upstream)
+    original = {source.stored_key(k): v for k, v in source.state_dict.items()}  # as the file spells them
     exact = list(restored) == list(original) and all(
         restored[k].dtype == original[k].dtype and torch.equal(restored[k], original[k]) for k in original
     )

@@ -1,6 +1,6 @@
 """Embedded demo checkpoints: upstream-format files synthesized from the shipped layouts.
 
-``lic-convert --demo dcae`` needs no download: the upstream layout and constant buffers of every
+``lic-convert --demo NAME`` needs no download: the upstream layout and constant buffers of every
 published configuration ship with the package, and the ``lic-fixture-v1`` recipe fills the
 parameters with deterministic values (the same ones the golden fixtures were computed with).
 """
@@ -11,22 +11,18 @@ from pathlib import Path
 
 import torch
 
-from . import layouts, synth
-from .errors import LicError
+from . import layouts, registry, synth
 from .writer import atomic_path
-
-ALIASES = {"tcm": "tcm_n128", "tcm_auxt": "tcm_auxt_n64", "auxt": "tcm_auxt_n64"}
 
 
 def demo_names() -> list[str]:
-    return layouts.available()
+    """Every published configuration (its aliases work too, e.g. a family's name for its main one)."""
+    return registry.configuration_names()
 
 
 def resolve(name: str) -> str:
-    name = ALIASES.get(name, name)
-    if name not in layouts.available():
-        raise LicError(f"no demo called {name!r}; choose one of {', '.join(layouts.available())}")
-    return name
+    """The configuration ``name`` stands for (itself or an alias); a one-line error if none."""
+    return registry.configuration(name).name
 
 
 def demo_checkpoint(name: str, path: Path, *, seed: int = 0) -> Path:

@@ -15,6 +15,12 @@ produce new tensors, fan-out copies are cloned only when asked.  Dtypes are name
 The same mapping runs backwards: ``inverse_rules`` derives the CompressAI -> upstream rules (each op
 replaced by its inverse, fan-out by a fan-in that checks the copies are equal, drops of derived
 buffers by their ``restore`` generator, synthesized tensors by drops that check their value).
+
+Spelling: a ``from:`` rule may list alternatives (e.g. the names an older library saved).  The forward
+plan counts which alternative each source key matched (:attr:`Plan.alternatives`).  The inverse plan
+writes the first alternative, the canonical name, and checks the layout on those names; given
+``alternatives`` (rule name -> index) it also spells every key the way the source did
+(:attr:`Step.spelled`), so a round trip can give back the source's own names.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class Step:
     fan_in: bool = False
     shape: tuple[int, ...] = ()
     dtype: str = "float32"
+    #: the target key in the source's spelling (inverse plans given ``alternatives``); None: ``target``
+    spelled: str | None = None
 
     @property
     def rule(self) -> Rule:
@@ -96,6 +104,9 @@ class Plan:
     collisions: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     dtype_notes: list[str] = field(default_factory=list)
     unrestorable: list[tuple[str, Rule]] = field(default_factory=list)
+    #: rule name -> {index of the ``from:`` alternative -> how many keys matched it}, for every rule
+    #: with several alternatives that took a key
+    alternatives: dict[str, dict[int, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -166,6 +177,41 @@ def stages_for(detection: Detection, direction: str) -> list[tuple[str, list[Rul
     return stages
 
 
+def alternative_of(rule: Rule, key: str) -> int:
+    """Which of the rule's ``from:`` alternatives matches ``key`` first (the one the rule used)."""
+    return next(i for i, pattern in enumerate(rule.sources) if pattern.match(key) is not None)
+
+
+def _spellings(detection: Detection, alternatives: Mapping[str, int]) -> dict[str, dict[str, KeyPattern]]:
+    """Stage name -> inverse rule name -> the pattern that spells its output as the source did.
+
+    Every name in ``alternatives`` must be a rule with several ``from:`` alternatives, and each index
+    one of them; anything else means the spelling was recorded with another mapping.
+    """
+    mapping = detection.mapping
+    found: dict[str, dict[str, KeyPattern]] = {}
+    known: set[str] = set()
+    for stage in mapping.stages:
+        for rule in stage.rules:
+            if rule.kind != "map" or len(rule.sources) < 2 or rule.name not in alternatives:
+                continue
+            index = alternatives[rule.name]
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(rule.sources):
+                raise ConversionError(
+                    f"the recorded spelling names alternative {index!r} of rule {rule.name!r}, which has "
+                    f"{len(rule.sources)} in {mapping.file} version {mapping.version}; convert back with --canonical"
+                )
+            found.setdefault(stage.name, {})[rule.name] = rule.sources[index]
+            known.add(rule.name)
+    unknown = sorted(set(alternatives) - known)
+    if unknown:
+        raise ConversionError(
+            f"the recorded spelling names rule {unknown[0]!r}, which {mapping.file} version {mapping.version} "
+            "has no alternatives for; convert back with --canonical"
+        )
+    return found
+
+
 # --- planning ------------------------------------------------------------------------------------
 
 
@@ -182,6 +228,7 @@ class _Entry:
     key: str
     step: Step
     meta: Spec
+    spelled: str = ""  # the key in the source's spelling (inverse plans given alternatives); "": ``key``
 
 
 def plan(
@@ -190,17 +237,26 @@ def plan(
     layout: Layout | None,
     *,
     direction: str = FORWARD,
+    alternatives: Mapping[str, int] | None = None,
 ) -> Plan:
-    """Run every source key through the mapping's stages and check the result against ``layout``."""
+    """Run every source key through the mapping's stages and check the result against ``layout``.
+
+    ``alternatives`` (inverse only): rule name -> index of the ``from:`` alternative to spell that
+    rule's output with (see :attr:`Step.spelled`); the layout is still checked on canonical names.
+    """
     variables = dict(detection.variables)
     result = Plan(direction, detection, layout, steps=[])
     entries = [
         _Entry(key, Step(key, (), (key,), shape=tuple(t.shape), dtype=dtypes.name(t.dtype)), spec_of(t))
         for key, t in source.items()
     ]
+    if alternatives and direction != INVERSE:
+        raise ValueError("alternatives only apply to the inverse direction")
+    spellings = _spellings(detection, alternatives) if alternatives else {}
     complete_stage = detection.mapping.stages[-1].name
     for stage_name, rules in stages_for(detection, direction):
-        entries = _run_stage(entries, rules, variables, result, complete=stage_name == complete_stage)
+        entries = _run_stage(entries, rules, variables, result, complete=stage_name == complete_stage,
+                             spell=spellings.get(stage_name, {}))
 
     produced: dict[str, list[_Entry]] = {}
     for e in entries:
@@ -209,7 +265,8 @@ def plan(
         if len(found) > 1:
             result.collisions.append((target, tuple(dict.fromkeys(r.name for e in found for r in e.step.rules[-1:]))))
     steps = {
-        t: replace(found[0].step, target=t, shape=tuple(found[0].meta.shape), dtype=found[0].meta.dtype)
+        t: replace(found[0].step, target=t, shape=tuple(found[0].meta.shape), dtype=found[0].meta.dtype,
+                   spelled=found[0].spelled if found[0].spelled not in ("", t) else None)
         for t, found in produced.items()
     }
     if layout is None:
@@ -238,17 +295,41 @@ def plan(
     return result
 
 
-def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan, *, complete: bool) -> list[_Entry]:
+def _spell(rule: Rule, pattern: KeyPattern, match_on: KeyPattern | None, e: _Entry, captures, spell,
+           drop: tuple[str, ...] = ()) -> str:
+    """The output key of ``rule`` in the source's spelling ("" when it is the canonical one).
+
+    The rule matched the canonical key; its captures are taken again from the spelled key when the
+    two differ (an earlier stage of the inverse spelled it otherwise), so every part of the source's
+    own name is kept.
+    """
+    if not spell and not e.spelled:
+        return ""
+    if e.spelled and match_on is not None:
+        captures = match_on.match(e.spelled) or captures
+    if rule.kind in ("map", "fan_in"):  # the inverses of ``from:`` rules, the only ones with alternatives
+        pattern = spell.get(rule.name, pattern)
+    return pattern.format({k: v for k, v in captures.items() if k not in drop})
+
+
+def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan, *, complete: bool,
+               spell: Mapping[str, KeyPattern] | None = None) -> list[_Entry]:
     """One pass of a stage's rules over every key.
 
     In a ``complete`` stage (the last one of the forward mapping) every key must be taken by a rule;
-    in the others, keys no rule matches pass through unchanged.
+    in the others, keys no rule matches pass through unchanged.  ``spell``: inverse rule name -> the
+    pattern that writes its output in the source's spelling.
     """
+    spell = spell or {}
     out: list[_Entry] = []
     fan_in: dict[tuple[str, str], list[_Entry]] = {}
     checked: list[tuple[_Entry, Rule, dict]] = []
     for e in entries:
         rule, captures = _first_match(rules, e.key)
+        if rule is not None and len(rule.sources) > 1:
+            counts = result.alternatives.setdefault(rule.name, {})
+            index = alternative_of(rule, e.key)
+            counts[index] = counts.get(index, 0) + 1
         if rule is None:
             if complete:
                 result.unexpected.append(e.key if e.key == _origin(e.step) else f"{e.key} (from {_origin(e.step)})")
@@ -266,7 +347,8 @@ def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan
         if rule.kind == "fan_in":
             fan_names = {name for name, _ in rule.fan_out}
             target = rule.target.format({k: v for k, v in captures.items() if k not in fan_names})
-            fan_in.setdefault((target, rule.name), []).append(e)
+            spelled = _spell(rule, rule.target, rule.source, e, captures, spell, tuple(fan_names))
+            fan_in.setdefault((target, rule.name), []).append(replace(e, spelled=spelled))
             continue
         if rule.fan_out:
             (name, count_expr), = rule.fan_out
@@ -285,14 +367,15 @@ def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan
             result.mismatched.append(Mismatch(e.key, f"rule {rule.name!r} ({rule.describe_ops()})", str(exc)))
             continue
         step = replace(e.step, rules=rules_so_far, transforms=e.step.transforms + ((rule.ops, env),))
-        out.append(_Entry(rule.target.format(captures), step, meta))
+        spelled = _spell(rule, rule.target, rule.source, e, captures, spell)
+        out.append(_Entry(rule.target.format(captures), step, meta, spelled))
 
     for (target, rule_name), group in fan_in.items():
         rule = next(r for r in rules if r.name == rule_name and r.kind == "fan_in")
         first = group[0]
         sources = tuple(s for e in group for s in e.step.sources)
         step = replace(first.step, rules=first.step.rules + (rule,), sources=sources, fan_in=True)
-        out.append(_Entry(target, step, first.meta))
+        out.append(_Entry(target, step, first.meta, first.spelled))
 
     for rule in rules:
         if rule.kind != "synthesize":
@@ -309,7 +392,7 @@ def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan
                 result.mismatched.append(Mismatch(target, f"rule {rule.name!r}", str(exc)))
                 continue
             step = Step(target, (rule,), (), generator=rule.value, generator_env=env)
-            out.append(_Entry(target, step, value))
+            out.append(_Entry(target, step, value, _spell(rule, rule.target, rule.for_each, e, captures, spell)))
     # a synthesized tensor dropped on the way back is sized from the key it was made for, which this
     # stage's inverse has just restored among its outputs
     for e, rule, captures in checked:

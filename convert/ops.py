@@ -93,7 +93,7 @@ def _env_with_shape(env: Mapping[str, Any], tensor) -> dict[str, Any]:
 class SwapBlocks(Op):
     """Exchange consecutive channel blocks along ``dim``: sizes ``[a, b]`` turns ``[A|B|rest]`` into ``[B|A|rest]``.
 
-    With equal sizes the op is its own inverse (the DCAE/SAAF means/scales order).
+    With equal sizes the op is its own inverse (e.g. exchanging the means and scales input blocks).
     """
 
     dim: int

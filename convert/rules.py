@@ -30,7 +30,7 @@ from .patterns import KeyPattern, PatternError
 
 SCHEMA_VERSION = 1
 _TOP_KEYS = {
-    "schema", "family", "version", "title", "license", "upstream", "target", "extends",
+    "schema", "family", "version", "name", "title", "license", "upstream", "target", "extends",
     "detect", "variables", "variants", "rules", "stages", "notes",
 }
 _RULE_KEYS = {"name", "from", "to", "ops", "fan_out", "drop", "reason", "restore", "synthesize", "for_each", "value", "note"}
@@ -173,6 +173,7 @@ class Variant:
     upstream_kwargs: Mapping[str, Any]
     target_kwargs: Mapping[str, Any]
     line: int = 0
+    aliases: tuple[str, ...] = ()  # other names of this configuration (e.g. for ``--demo``)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ class Mapping_:
     title: str
     license: str
     file: str
+    name: str  # the family's short display name (model cards, help texts)
     upstream: Mapping[str, Any]
     target: Mapping[str, Any]
     detect_all: tuple[KeyPattern, ...]
@@ -204,9 +206,6 @@ class Mapping_:
             if r.name == name:
                 return r
         raise KeyError(name)
-
-
-Mapping = Mapping_  # the public name; the underscore only avoids shadowing typing.Mapping above
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -257,8 +256,14 @@ def load_mapping(path: str | Path, *, text: str | None = None, _seen: tuple[str,
     upstream = need("upstream", dict, dict(parent.upstream) if parent else None)
     target = need("target", dict, dict(parent.target) if parent else None)
     for section, value in (("upstream", upstream), ("target", target)):
-        if "class" not in value or not isinstance(value["class"], str):
-            raise MappingError(f"'{section}' must name a 'class'", file=file, line=data.line_of(section))
+        for key in ("class", "ours"):
+            if not isinstance(value.get(key), str):
+                raise MappingError(f"'{section}' must name a '{key}'", file=file, line=data.line_of(section))
+        if ":" not in value["ours"]:
+            raise MappingError(f"'{section}.ours' must read 'module:Class', got {value['ours']!r}", file=file,
+                               line=data.line_of(section))
+    if not isinstance(data.get("name"), str):  # each family names itself, even when it extends another
+        raise MappingError("missing required key 'name' (the family's short display name)", file=file, line=data.line)
 
     detect_all, detect_none = _parse_detect(data.get("detect"), file, parent, data.line_of("detect"))
     variables = _parse_variables(data.get("variables"), file, parent, data.line_of("variables"))
@@ -269,6 +274,7 @@ def load_mapping(path: str | Path, *, text: str | None = None, _seen: tuple[str,
     return Mapping_(
         family=family,
         version=version,
+        name=data["name"],
         title=title,
         license=license_,
         file=file,
@@ -366,7 +372,7 @@ def _parse_variants(spec, file, parent, variable_names, line: int) -> tuple[Vari
         line = getattr(item, "line", spec.line)
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise MappingError("each variant needs a 'name'", file=file, line=line)
-        extra = set(item) - {"name", "when", "layout", "upstream_kwargs", "target_kwargs"}
+        extra = set(item) - {"name", "when", "layout", "aliases", "upstream_kwargs", "target_kwargs"}
         if extra:
             raise MappingError(f"variant {item['name']!r}: unknown key(s) {sorted(extra)}", file=file, line=line)
         if item["name"] in seen:
@@ -383,11 +389,15 @@ def _parse_variants(spec, file, parent, variable_names, line: int) -> tuple[Vari
         layout = item.get("layout")
         if layout is not None and not isinstance(layout, str):
             raise MappingError(f"variant {item['name']!r}: 'layout' must be a string", file=file, line=line)
+        aliases = item.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise MappingError(f"variant {item['name']!r}: 'aliases' must be a list of names", file=file, line=line)
         out.append(
             Variant(
                 name=item["name"],
                 when=tuple(when.items()),
                 layout=layout,
+                aliases=tuple(aliases),
                 upstream_kwargs=dict(item.get("upstream_kwargs", {})),
                 target_kwargs=dict(item.get("target_kwargs", {})),
                 line=line,

@@ -14,7 +14,6 @@ from huggingface_hub import ModelCard, ModelCardData
 
 LIBRARY_NAME = "compressai"
 BASE_TAGS = ("image-compression", "learned-image-compression", "compressai", "safetensors")
-FAMILY_TITLES = {"tcm": "TCM", "tcm_auxt": "TCM + AuxT", "dcae": "DCAE", "saaf": "SAAF"}
 #: SPDX names as written in a mapping file -> the Hub's license identifiers.
 HUB_LICENSES = {"mit": "mit", "apache-2.0": "apache-2.0", "bsd-3-clause": "bsd-3-clause", "cc-by-4.0": "cc-by-4.0"}
 BANNER_MISSING = "No parity report was published with these weights"
@@ -39,9 +38,19 @@ def _banner(report: dict[str, Any] | None) -> str:
             "do not rely on them reproducing the paper's results until `lic-verify` passes.\n\n")
 
 
+def _display_name(family: str) -> str:
+    """The family's short name from its mapping file (the id itself for a family not shipped here)."""
+    from lic_checkpoints.convert import registry
+    from lic_checkpoints.convert.errors import LicError
+
+    try:
+        return registry.family(family).name
+    except LicError:
+        return family
+
+
 def _title(config: dict[str, Any]) -> str:
-    family = FAMILY_TITLES.get(config["family"], config["family"])
-    return f"# {family} ({config['variant']}) in the CompressAI layout\n\n"
+    return f"# {_display_name(config['family'])} ({config['variant']}) in the CompressAI layout\n\n"
 
 
 def _summary(config: dict[str, Any]) -> str:
@@ -66,21 +75,34 @@ def _summary(config: dict[str, Any]) -> str:
 
 
 def _usage(config: dict[str, Any], repo_id: str) -> str:
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in config["target"]["kwargs"].items())
-    return (
+    target = config["target"]
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in target["kwargs"].items())
+    text = (
         "## Usage\n\n"
+        "With lic-checkpoints installed: the model with these weights, in eval mode, "
+        "entropy tables built.\n\n"
         "```python\n"
-        "import safetensors.torch\n"
-        "from huggingface_hub import snapshot_download\n"
-        "from lic_checkpoints.verify.models.compressai.installed import target_class\n\n"
-        f'folder = snapshot_download("{repo_id}")\n'
-        f'net = target_class("{config["family"]}")({kwargs})\n'
-        'net.load_state_dict(safetensors.torch.load_file(f"{folder}/model.safetensors"))\n'
-        "net.update(force=True)\n"
+        "import lic_checkpoints as lic\n\n"
+        f'net = lic.load("{repo_id}")\n'
+        "out = net(x)  # x: a float [1, 3, H, W] image in [0, 1]\n"
         "```\n\n"
-        "`target_class(family, source=\"installed\")` returns CompressAI's own class instead, when the "
-        "installed compressai ships it.\n\n"
     )
+    module, _, name = (target.get("compressai_class") or "").rpartition(".")
+    if module:
+        text += (
+            "With CompressAI master alone (its class holds exactly these keys):\n\n"
+            "```python\n"
+            "import safetensors.torch\n"
+            "from huggingface_hub import hf_hub_download\n"
+            f"from {module} import {name}\n\n"
+            f"net = {name}({kwargs})\n"
+            f'net.load_state_dict(safetensors.torch.load_file(hf_hub_download("{repo_id}", "model.safetensors")))\n'
+            "net.eval().update(force=True)\n"
+            "```\n\n"
+            "CompressAI master's own port may compute differently from the authors' code; the parity report "
+            "below is for lic-checkpoints' model, which follows the authors' numerics.\n\n"
+        )
+    return text
 
 
 def _provenance(config: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ def main(folder: str) -> None:
     cls = getattr(importlib.import_module(job["module"]), job["class"])
     net = cls(**job["kwargs"])
     state = load_file(str(work / "weights.safetensors"))
-    net.load_state_dict(state)  # positional only: the TCM classes take no 'strict' argument
+    net.load_state_dict(state)  # positional only: some authors' classes override it without a 'strict' argument
     net.eval()
     images = load_file(str(work / "images.safetensors"))
     out: dict[str, torch.Tensor] = {}

@@ -8,12 +8,12 @@ get their own.
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import compressai.models  # noqa: F401 - see below
 import torch
 
 from lic_checkpoints.convert import api as convert_api
@@ -33,6 +33,7 @@ ALL_TIERS = ("T0", "T1", "T2", "T3")
 # compressai package takes seconds (its __init__ imports its datasets, hence torch_geometric and
 # scipy); like ``import torch`` that is paid once, when this module is imported, and not inside
 # each :func:`verify_checkpoint` call, whose time is then the verification's own.
+importlib.import_module("compressai.models")
 
 
 @dataclass
@@ -85,6 +86,14 @@ def _reference_side(model, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
     )
 
 
+def _feeds_context(model) -> bool:
+    """Whether the target's slice codec can predict a slice from a given context (ours can)."""
+    codec = getattr(getattr(model, "latent_codec", None), "y", None)
+    leaves = getattr(codec, "latent_codec", None)
+    leaf = leaves["y0"] if isinstance(leaves, torch.nn.ModuleDict) and "y0" in leaves else None
+    return callable(getattr(codec, "context_params", None)) and callable(getattr(leaf, "split_context", None))
+
+
 def _decisions_in_context(model, y: torch.Tensor, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The target's rounding and scale-index decisions when it is fed the reference's context.
 
@@ -108,10 +117,15 @@ def _decisions_in_context(model, y: torch.Tensor, latents: dict[str, torch.Tenso
 
 
 def _target_side(model, x: torch.Tensor, fwd: dict[str, Any], reference: CodedSide) -> CodedSide:
+    """The target's coding results; with the reference's decoded latents at hand (our reference model)
+    and a target that can be fed them, also its decisions in the reference's context."""
     para = fwd["para"]
     with torch.no_grad():
         enc = model.compress(x, return_symbols=True)
         dec = model.decompress(enc["strings"], enc["shape"])["x_hat"]
+    forced = None
+    if reference.latents is not None and _feeds_context(model):
+        forced = _decisions_in_context(model, para["y"], reference.latents)
     leaf = model.latent_codec.y.latent_codec["y0"].gaussian_conditional
     eb = model.latent_codec.z.entropy_bottleneck
     with torch.no_grad():
@@ -127,6 +141,7 @@ def _target_side(model, x: torch.Tensor, fwd: dict[str, Any], reference: CodedSi
         forward_x_hat=fwd["x_hat"],
         nbytes=sum(len(s) for group in enc["strings"] for s in group),
         streams=sum(len(group) for group in enc["strings"]),
+        in_reference_context=forced,
     )
 
 
@@ -183,7 +198,7 @@ def verify_checkpoint(
     if "T0" in wanted:
         say("T0: tensors")
         t = time.perf_counter()
-        report.tiers.append(tier0(plan, source.state_dict, conv.tensors, detection, upstream_layout))
+        report.tiers.append(tier0(plan, source.state_dict, conv.tensors, detection, upstream_layout, source.stored_as))
         timings["T0"] = time.perf_counter() - t
     model_tiers = [t for t in wanted if t != "T0"]
     if model_tiers and not plan.ok:

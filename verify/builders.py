@@ -12,31 +12,20 @@ pages of the checkpoint file).
 from __future__ import annotations
 
 import contextlib
-import importlib
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from lic_checkpoints.convert import registry
 from lic_checkpoints.convert.errors import LicError
-
-#: family -> (module under models/upstream, class) of our re-implementation of the authors' code
-UPSTREAM_CLASSES: dict[str, tuple[str, str]] = {
-    "tcm": ("tcm", "TCM"),
-    "tcm_auxt": ("tcm", "TCMAuxT"),
-    "dcae": ("dcae", "DCAE"),
-    "saaf": ("saaf", "SAAF"),
-}
 
 _LEGACY_EB = {"_matrix": "matrices", "_bias": "biases", "_factor": "factors"}
 
 
 def upstream_class(family: str) -> type[nn.Module]:
-    try:
-        module, name = UPSTREAM_CLASSES[family]
-    except KeyError:
-        raise LicError(f"no reference model for family {family!r}") from None
-    return getattr(importlib.import_module(f"lic_checkpoints.verify.models.upstream.{module}"), name)
+    """Our re-implementation of the authors' class for ``family`` (its mapping's ``upstream.ours``)."""
+    return registry.import_class(registry.family(family).upstream["ours"])
 
 
 def canonical_upstream_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

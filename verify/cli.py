@@ -13,6 +13,8 @@ from pathlib import Path
 import click
 
 from .. import __version__
+from lic_checkpoints.convert import cli_options as listed
+from lic_checkpoints.convert.cli_options import ListedOption
 from lic_checkpoints.convert.errors import LicError
 
 
@@ -32,7 +34,8 @@ def _tiers(value: str) -> list[str]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", required=False, type=click.Path(path_type=Path))
 @click.argument("converted", required=False)
-@click.option("--family", help="Skip detection and treat SOURCE as this family.")
+@click.option("--family", cls=ListedOption, listing=listed.families,
+              help="Skip detection and treat SOURCE as this family ({names}).")
 @click.option("--images", "images", multiple=True, type=click.Path(path_type=Path),
               help="Image files or folders (padded like the upstream eval scripts), or one .safetensors holding "
                    "x [B,3,H,W] in [0,1]. Default: a built-in deterministic set.")
@@ -56,8 +59,8 @@ def _tiers(value: str) -> list[str]:
               help="A stored JSON report: exit 1 if this run regresses against it (CI).")
 @click.option("--threads", type=int, default=2, show_default=True,
               help="torch CPU threads (results are compared at a fixed thread count).")
-@click.option("--demo", metavar="NAME", help="Synthesize, convert and verify a published configuration "
-              "(dcae, saaf, tcm_n64, tcm_n128, tcm_auxt_n64): no download needed.")
+@click.option("--demo", metavar="NAME", cls=ListedOption, listing=listed.configurations,
+              help="Synthesize, convert and verify a published configuration ({names}): no download needed.")
 @click.option("--upstream-repo", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Reference side from your clone of the authors' repository (run in a separate process) "
                    "instead of our re-implementation.")

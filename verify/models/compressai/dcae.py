@@ -20,7 +20,6 @@ from compressai.models import CompressionModel
 from compressai.models.utils import conv, deconv
 from torch import Tensor, nn
 
-from lic_checkpoints.convert.errors import LicError
 
 from ..blocks.dcae_blocks import AttentionStage, SwinBlockWithConvMulti
 from ..blocks.residual_bottleneck import (

@@ -1,67 +1,58 @@
 """Choose the CompressAI-layout model class: ours, or the installed compressai's own.
 
-CompressAI master ships ``DCAE``, ``SAAF`` and ``TCM`` (PRs #355/#356); PyPI compressai 1.2.8
-does not, so by default the verifier uses our re-implementations, which hold the same keys. When
-a compressai that has the classes is installed, :func:`target_class` can hand those out instead
-(to check a converted file against CompressAI itself). Both sides are imported only on request.
+Each mapping file names both: ``target.ours`` (our re-implementation, holding CompressAI master's
+keys) and ``target.compressai_class`` (master's own class, after PRs #355/#356; PyPI compressai
+1.2.8 lacks them). By default the verifier uses ours; when the installed compressai has the class,
+:func:`target_class` can hand it out instead (to check a converted file against CompressAI itself).
+Both are imported only on request.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Literal
 
+from lic_checkpoints.convert import registry
 from lic_checkpoints.convert.errors import LicError
 
 __all__ = ["MissingTargetClassError", "installed_classes", "target_class"]
 
 Source = Literal["ours", "installed"]
 
-#: family -> (module name shared by compressai master and our package, class name).
-#: TCM+AuxT is master's ``TCM`` built with ``use_auxt=True``.
-TARGET_CLASSES: dict[str, tuple[str, str]] = {
-    "dcae": ("dcae", "DCAE"),
-    "saaf": ("saaf", "SAAF"),
-    "tcm": ("tcm", "TCM"),
-    "tcm_auxt": ("tcm", "TCM"),
-}
-
-INSTALLED_PACKAGE = "compressai.models"
-OUR_PACKAGE = "lic_checkpoints.verify.models.compressai"
-
 
 class MissingTargetClassError(LicError):
     """The requested CompressAI-layout model class cannot be imported."""
 
 
-def _load_class(package: str, family: str) -> type:
-    """Import ``package.<module>.<Class>`` for ``family``; raise a clear error if it is absent."""
+def _class_path(family: str, source: Source) -> str:
+    """Where ``family``'s class lives for ``source``, as its mapping file declares it."""
     try:
-        module_name, class_name = TARGET_CLASSES[family]
-    except KeyError:
-        raise MissingTargetClassError(
-            f"unknown model family {family!r}; known families: {', '.join(sorted(TARGET_CLASSES))}"
-        ) from None
-    path = f"{package}.{module_name}.{class_name}"
+        target = registry.family(family).target
+    except LicError as error:
+        raise MissingTargetClassError(str(error)) from None
+    if source == "ours":
+        return target["ours"]
+    return target.get("compressai_class") or ""
+
+
+def _load_class(family: str, source: Source) -> type:
+    path = _class_path(family, source)
+    if not path:
+        raise MissingTargetClassError(f"the {family} mapping names no CompressAI class")
     try:
-        module = importlib.import_module(f"{package}.{module_name}")
-    except ImportError as error:
-        raise MissingTargetClassError(f"cannot import {path}: {error}") from error
-    cls = getattr(module, class_name, None)
-    if not isinstance(cls, type):
-        raise MissingTargetClassError(f"cannot import {path}: the module has no class {class_name}")
-    return cls
+        return registry.import_class(path)
+    except LicError as error:
+        raise MissingTargetClassError(str(error)) from None
 
 
 def installed_classes() -> dict[str, type]:
-    """The installed compressai's own DCAE / SAAF / TCM classes, keyed by family.
+    """The installed compressai's own classes, keyed by family.
 
     Families whose class the installed compressai lacks (all of them in 1.2.8) are left out.
     """
     found: dict[str, type] = {}
-    for family in TARGET_CLASSES:
+    for family in registry.family_names():
         try:
-            found[family] = _load_class(INSTALLED_PACKAGE, family)
+            found[family] = _load_class(family, "installed")
         except MissingTargetClassError:
             continue
     return found
@@ -74,10 +65,10 @@ def target_class(family: str, source: Source = "ours") -> type:
     either raises :class:`MissingTargetClassError` naming the class when it is not available.
     """
     if source == "ours":
-        return _load_class(OUR_PACKAGE, family)
+        return _load_class(family, "ours")
     if source == "installed":
         try:
-            return _load_class(INSTALLED_PACKAGE, family)
+            return _load_class(family, "installed")
         except MissingTargetClassError as error:
             import compressai
 
