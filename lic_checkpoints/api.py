@@ -134,6 +134,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     from lic_checkpoints.publish import bundle as bundle_mod
     from lic_checkpoints.publish import hub
 
+    hub.check_repo_id(repo_id)
     bundle = bundle_mod.collect(folder, repo_id, allow_failing_parity=allow_failing_parity)
     return hub.push(bundle, repo_id, private=private, revision=revision, commit_message=commit_message,
                     token=token)

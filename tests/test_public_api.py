@@ -84,3 +84,8 @@ def test_load_of_something_that_is_neither_path_nor_hub_id_is_one_line(spec):
 def test_load_of_a_folder_without_config_is_one_line(tmp_path):
     with pytest.raises(lic.LicError, match="config.json: missing"):
         lic.load(tmp_path)
+
+
+def test_push_refuses_a_repo_id_without_namespace_before_anything_else(tmp_path):
+    with pytest.raises(lic.LicError, match="no-namespace"):
+        lic.push(tmp_path, "no-namespace")
