@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -35,14 +34,9 @@ MB = 1e6
 
 def _configurations_by_size() -> list[tuple[int, str, str]]:
     """(upstream bytes, configuration, family) of every registered configuration, smallest first."""
-    from lic_checkpoints.convert import dtypes, layouts, registry
+    from lic_checkpoints.convert import registry
 
-    sized = []
-    for c in registry.configurations():
-        entries = layouts.load(c.name, "upstream").entries
-        size = sum(math.prod(e.shape or ()) * dtypes.get(e.dtype).itemsize for e in entries)
-        sized.append((size, c.name, c.family.family))
-    return sorted(sized)
+    return sorted((c.upstream_bytes(), c.name, c.family.family) for c in registry.configurations())
 
 
 _SIZED = _configurations_by_size()

@@ -280,7 +280,7 @@ def plan(
             result.missing.append(entry.key)
             continue
         ordered.append(step)
-        if entry.shape is not None and tuple(step.shape) != entry.shape:
+        if not entry.accepts(tuple(step.shape)):
             result.mismatched.append(Mismatch(entry.key, f"shape {list(entry.shape)}", f"{list(step.shape)} (from {_origin(step)})"))
         if step.dtype != entry.dtype:
             floating = dtypes.known(step.dtype) and dtypes.get(step.dtype).floating and dtypes.get(entry.dtype).floating

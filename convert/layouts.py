@@ -23,6 +23,16 @@ class LayoutEntry:
     dtype: str
     kind: str
 
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether a tensor of ``shape`` fits this entry.
+
+        ``None`` fits any size; an empty buffer (an entropy table as a model is built, before
+        ``update()`` fills it) also fits the filled table a checkpoint saved after ``update()`` holds.
+        """
+        if self.shape is None or tuple(shape) == self.shape:
+            return True
+        return self.kind != "param" and 0 in self.shape
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -23,7 +23,7 @@ from .rules import Mapping_, Variant
 
 __all__ = [
     "Configuration", "configuration", "configuration_names", "configurations", "families", "family",
-    "family_names", "import_class",
+    "family_names", "import_class", "smallest_configuration",
 ]
 
 
@@ -50,6 +50,15 @@ class Configuration:
     def describe(self) -> str:
         return f"{self.family.name} {self.variant.name}"
 
+    def upstream_bytes(self) -> int:
+        """The size of the tensors of an upstream checkpoint of this configuration (from its layout)."""
+        import math
+
+        from . import dtypes, layouts
+
+        entries = layouts.load(self.name, "upstream").entries
+        return sum(math.prod(e.shape or ()) * dtypes.get(e.dtype).itemsize for e in entries)
+
 
 def families() -> tuple[Mapping_, ...]:
     """Every shipped family, in file-name order."""
@@ -74,6 +83,11 @@ def configurations() -> tuple[Configuration, ...]:
 
 def configuration_names() -> list[str]:
     return [c.name for c in configurations()]
+
+
+def smallest_configuration() -> Configuration:
+    """The configuration with the smallest checkpoint: the cheapest one for plumbing tests and demos."""
+    return min(configurations(), key=Configuration.upstream_bytes)
 
 
 def configuration(name: str) -> Configuration:

@@ -16,6 +16,37 @@ The code lives in the repository's top-level folders (``convert/``, ``mappings/`
 
 __version__ = "0.1.0"
 
-from lic_checkpoints.api import LicError, convert, load, push, restore, verify  # noqa: E402
+import inspect
+import types
+
+from lic_checkpoints import convert as _convert_package  # noqa: E402
+from lic_checkpoints import verify as _verify_package  # noqa: E402
+from lic_checkpoints.api import LicError, load, push, restore  # noqa: E402
+from lic_checkpoints.api import convert as _convert
+from lic_checkpoints.api import verify as _verify
 
 __all__ = ["LicError", "__version__", "convert", "load", "push", "restore", "verify"]
+
+
+class _CallablePackage(types.ModuleType):
+    """A subpackage that is also the public function of its name.
+
+    ``lic_checkpoints.convert`` and ``lic_checkpoints.verify`` are the folders ``convert/`` and
+    ``verify/``; ``lic.convert(...)`` and ``lic.verify(...)`` are the public functions.  A plain
+    function in their place would break ``import lic_checkpoints.verify.api as api`` and every dotted
+    path through them, so each package calls its function instead and carries its docstring and
+    signature (for ``help`` and ``inspect``).
+    """
+
+    def __call__(self, *args, **kwargs):
+        return self.__public_function__(*args, **kwargs)
+
+
+for _package, _function in ((_convert_package, _convert), (_verify_package, _verify)):
+    _package.__class__ = _CallablePackage
+    _package.__public_function__ = _function
+    _package.__doc__ = _function.__doc__
+    _package.__signature__ = inspect.signature(_function)
+
+convert, verify = _convert_package, _verify_package
+del _package, _function

@@ -82,9 +82,13 @@ def _usage(config: dict[str, Any], repo_id: str) -> str:
         "With lic-checkpoints installed: the model with these weights, in eval mode, "
         "entropy tables built.\n\n"
         "```python\n"
+        "import torch\n"
         "import lic_checkpoints as lic\n\n"
         f'net = lic.load("{repo_id}")\n'
-        "out = net(x)  # x: a float [1, 3, H, W] image in [0, 1]\n"
+        "x = torch.rand(1, 3, 256, 256)  # an RGB image in [0, 1]\n"
+        "with torch.no_grad():\n"
+        '    x_hat = net(x)["x_hat"]\n'
+        'coded = net.compress(x)  # coded["strings"], coded["shape"] -> net.decompress(...)\n'
         "```\n\n"
     )
     module, _, name = (target.get("compressai_class") or "").rpartition(".")

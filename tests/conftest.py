@@ -1,36 +1,111 @@
-"""Shared test helpers: the golden fixtures in ``../shared/fixtures`` and checkpoints rebuilt from them."""
+"""Shared test helpers: the golden data in ``tests/data``, the configurations of the registry, and
+upstream checkpoints rebuilt from the golden data.
+
+Nothing here names a model family: the configurations come from ``registry.configurations()``
+(one per shipped layout), and ``tests/test_registry.py`` checks that each of them has its data in
+``tests/data`` (see ``tests/data/README.md``).
+
+Disk: full-size checkpoints are large (up to about 0.5 GB each), so they are written once per
+session by the ``checkpoints`` fixture and shared, with at most ``CheckpointStore.budget`` bytes of
+them on disk at a time; every test's ``tmp_path`` is emptied when the test ends (files above a few
+MB are removed even when it failed), and whatever large file a module left in pytest's basetemp is
+removed when the session ends.
+"""
 
 from __future__ import annotations
 
-import os
+import json
+import math
+import shutil
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 
-from lic_checkpoints.convert import synth
+from lic_checkpoints.convert import registry, synth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LIC_SHARED_DIR", REPO_ROOT.parent / "shared"))
-FIXTURES_DIR = SHARED / "fixtures"
-TARGETS_DIR = SHARED / "targets"
-FIXTURE_NAMES = ("tcm_n64", "tcm_n128", "tcm_auxt_n64", "dcae", "saaf")
+DATA_DIR = Path(__file__).resolve().parent / "data"
+FIXTURES_DIR = DATA_DIR / "fixtures"
+TARGETS_DIR = DATA_DIR / "targets"
+MAPPINGS_DIR = REPO_ROOT / "mappings"
+
+#: every published configuration (a family's variant with a shipped layout), from the registry
+CONFIGURATIONS = registry.configurations()
+CONFIGURATION_NAMES = tuple(c.name for c in CONFIGURATIONS)
+
+
+def configuration(name: str) -> registry.Configuration:
+    return registry.configuration(name)
+
+
+# --------------------------------------------------------------------------- golden data
 
 
 def fixture_dir(name: str) -> Path:
     path = FIXTURES_DIR / name
     if not path.is_dir():
-        pytest.fail(f"golden fixture {path} is missing: the tests need ../shared/fixtures beside the repo")
+        pytest.fail(f"golden fixture {path} is missing (see tests/data/README.md)")
     return path
 
 
 @lru_cache(maxsize=None)
 def fixture_manifest(name: str):
+    """``(manifest.json, constants.safetensors)`` of a fixture."""
     return synth.load_manifest_dir(fixture_dir(name))
 
 
-@lru_cache(maxsize=2)
+def target_path(name: str, suffix: str = ".json") -> Path:
+    path = TARGETS_DIR / f"{name}{suffix}"
+    if not path.is_file():
+        pytest.fail(f"target file {path} is missing (see tests/data/README.md)")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _target_manifest_text(name: str) -> str:
+    return target_path(name).read_text()
+
+
+def target_manifest(name: str) -> dict:
+    """``targets/<name>.json``: the state-dict layout of CompressAI master's class (a fresh copy)."""
+    return json.loads(_target_manifest_text(name))
+
+
+def target_constants(name: str) -> dict[str, torch.Tensor]:
+    """``targets/<name>.constants.safetensors``: master's persistent non-empty buffers."""
+    from safetensors.torch import load_file
+
+    return load_file(str(target_path(name, ".constants.safetensors")))
+
+
+def fixture_input(name: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(fixture_dir(name) / "input.safetensors"))["x"]
+
+
+def fixture_expected(name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(fixture_dir(name) / "expected.safetensors"))
+
+
+def fixture_expected_json(name: str) -> dict:
+    return json.loads((fixture_dir(name) / "expected.json").read_text())
+
+
+def meta_state_dict(rows: list) -> dict[str, torch.Tensor]:
+    """Storage-free tensors for ``[key, shape, dtype, ...]`` rows (a layout without values)."""
+    return {key: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for key, shape, dtype, *_ in rows}
+
+
+# --------------------------------------------------------------------------- rebuilt checkpoints
+
+
+@lru_cache(maxsize=None)  # about 1.7 GB of memory for the five configurations; rebuilt in seconds each
 def _upstream_state_dict_cached(name: str):
     manifest, constants = fixture_manifest(name)
     return synth.state_dict_from_manifest(manifest, constants)
@@ -38,7 +113,7 @@ def _upstream_state_dict_cached(name: str):
 
 def upstream_state_dict(name: str):
     """A fresh dict (tensors shared with a small cache) of the rebuilt upstream state dict."""
-    return dict(_upstream_state_dict_cached(name))
+    return OrderedDict(_upstream_state_dict_cached(name))
 
 
 def upstream_checkpoint(name: str, **harness):
@@ -55,29 +130,146 @@ def upstream_checkpoint(name: str, **harness):
     )
 
 
-def fixture_input(name: str) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    return load_file(str(fixture_dir(name) / "input.safetensors"))["x"]
-
-
-def fixture_expected(name: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(fixture_dir(name) / "expected.safetensors"))
+def checkpoint_bytes(name: str) -> int:
+    """Bytes of tensor data in the upstream checkpoint of configuration ``name`` (from its fixture)."""
+    manifest, _ = fixture_manifest(name)
+    return sum(math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+               for _, shape, dtype, _ in manifest["state_dict"])
 
 
-def fixture_expected_json(name: str) -> dict:
-    import json
-
-    return json.loads((fixture_dir(name) / "expected.json").read_text())
+#: the configuration with the smallest checkpoint: the one plumbing tests use
+SMALL = min(CONFIGURATION_NAMES, key=checkpoint_bytes)
 
 
-@pytest.fixture(params=FIXTURE_NAMES)
-def fixture_name(request):
-    return request.param
+def step_kinds(conf: registry.Configuration) -> frozenset[str]:
+    """What a configuration's mapping does to tensors: its rule kinds, tensor ops and fan-outs."""
+    kinds = set()
+    for rule in conf.family.rules:
+        kinds.add(rule.kind)
+        kinds.update(op.name for op in rule.ops)
+        if rule.fan_out:
+            kinds.add("fan_out")
+    return frozenset(kinds)
 
-MAPPINGS_DIR = REPO_ROOT / "mappings"
+
+def covering_configurations() -> tuple[str, ...]:
+    """Few small configurations whose mappings together use every rule kind and tensor op of all.
+
+    Greedy from the smallest checkpoint: a larger configuration is added only for a kind of step
+    that no smaller chosen one exercises (e.g. a block swap that only one family's rules use).
+    """
+    ordered = sorted(CONFIGURATIONS, key=lambda c: checkpoint_bytes(c.name))
+    needed = frozenset().union(*(step_kinds(c) for c in ordered))
+    chosen, covered = [], set()
+    for conf in ordered:
+        if step_kinds(conf) - covered:
+            chosen.append(conf.name)
+            covered |= step_kinds(conf)
+        if covered == needed:
+            break
+    return tuple(chosen)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+class CheckpointStore:
+    """Upstream-format checkpoints rebuilt from the golden fixtures, written once and shared.
+
+    ``path(name)`` writes ``<folder>/<name>/checkpoint_best.pth.tar`` (the upstream training script's
+    name) on first use. To bound the disk space, at
+    most ``budget`` bytes of checkpoints stay on disk: before writing another one the least
+    recently used ones are removed (and written again if asked for later).
+    """
+
+    def __init__(self, folder: Path, budget: int) -> None:
+        self.folder, self.budget = folder, budget
+        self._files: OrderedDict[str, Path] = OrderedDict()
+
+    def path(self, name: str) -> Path:
+        if name in self._files and self._files[name].is_file():
+            self._files.move_to_end(name)
+            return self._files[name]
+        self._files.pop(name, None)
+        size = checkpoint_bytes(name)
+        while self._files and sum(_size(p) for p in self._files.values()) + size > self.budget:
+            _, oldest = self._files.popitem(last=False)
+            oldest.unlink(missing_ok=True)
+        path = self.folder / name / "checkpoint_best.pth.tar"
+        path.parent.mkdir(exist_ok=True)
+        torch.save(upstream_checkpoint(name), path)
+        self._files[name] = path
+        return path
+
+    def clear(self) -> None:
+        for path in self._files.values():
+            path.unlink(missing_ok=True)
+        self._files.clear()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """The session's :class:`CheckpointStore`: ``checkpoints.path(name)`` is a shared checkpoint file.
+
+    Tests must not modify these files; they are removed at the end of the session.
+    """
+    store = CheckpointStore(tmp_path_factory.mktemp("checkpoints"), budget=600 * 2**20)
+    yield store
+    store.clear()
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- temporary files
+
+_LARGE = 4 * 2**20  # files above this size are removed even after a failure
+_REPORT = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    item.stash.setdefault(_REPORT, {})[report.when] = report
+
+
+def _remove_large_files(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size > _LARGE:
+                path.unlink()
+        except OSError:
+            pass
+
+
+@pytest.fixture(autouse=True)
+def _empty_tmp_path_afterwards(request):
+    """When a test ends, its ``tmp_path`` goes: all of it after a pass, its large files after a failure."""
+    yield
+    folder = getattr(request.node, "funcargs", {}).get("tmp_path")
+    if folder is None:
+        return
+    reports = request.node.stash.get(_REPORT, {})
+    if any(r.failed for r in reports.values()):
+        _remove_large_files(Path(folder))
+    else:
+        remove_tree(Path(folder))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_large_files_left_behind(tmp_path_factory):
+    """At the end of the session no large file stays in pytest's basetemp (small ones are kept)."""
+    yield
+    _remove_large_files(tmp_path_factory.getbasetemp())
+
+
+# --------------------------------------------------------------------------- tolerances
 
 #: the entropy tables that update(force=True) fills (upstream names), as stored in expected.safetensors
 ENTROPY_TABLES = (
@@ -90,15 +282,20 @@ ENTROPY_TABLES = (
     "gaussian_conditional.scale_table",
 )
 
-#: fixtures/README.md section 6: the forward tolerances recorded with the golden data
+#: the forward tolerances recorded with the golden data (tests/data/README.md)
 FORWARD_TOL = dict(rtol=1e-4, atol=1e-4)
 LIKELIHOOD_TOL = dict(rtol=0.0, atol=1e-5)
+#: the forward outputs the fixtures hold, in data-flow order
+FORWARD_OUTPUTS = ("y", "likelihoods_z", "means", "scales", "likelihoods_y", "x_hat")
 
 
-def assert_forward_matches_fixture(name: str, out: dict) -> dict[str, float]:
-    """Compare a forward output (upstream's dict shape, with ``para``) with the fixture; max |diff| per tensor."""
-    expected = fixture_expected(name)
-    produced = {
+def tolerance(key: str) -> dict:
+    return LIKELIHOOD_TOL if key.startswith("likelihoods") else FORWARD_TOL
+
+
+def flat_forward(out: dict) -> dict[str, torch.Tensor]:
+    """An upstream-shaped forward output (``para`` and ``likelihoods`` dicts) as the fixture's names."""
+    return {
         "x_hat": out["x_hat"],
         "y": out["para"]["y"],
         "means": out["para"]["means"],
@@ -106,10 +303,14 @@ def assert_forward_matches_fixture(name: str, out: dict) -> dict[str, float]:
         "likelihoods_y": out["likelihoods"]["y"],
         "likelihoods_z": out["likelihoods"]["z"],
     }
+
+
+def assert_forward_matches_fixture(name: str, out: dict) -> dict[str, float]:
+    """Compare a forward output (upstream's dict shape, with ``para``) with the fixture; max |diff| per tensor."""
+    expected = fixture_expected(name)
     diffs = {}
-    for key, value in produced.items():
+    for key, value in flat_forward(out).items():
         assert value.shape == expected[key].shape, key
-        tol = LIKELIHOOD_TOL if key.startswith("likelihoods") else FORWARD_TOL
         diffs[key] = (value - expected[key]).abs().max().item()
-        assert torch.allclose(value, expected[key], **tol), (key, diffs[key])
+        assert torch.allclose(value, expected[key], **tolerance(key)), (key, diffs[key])
     return diffs

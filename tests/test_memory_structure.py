@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import upstream_checkpoint
+from conftest import covering_configurations
 from lic_checkpoints.convert import api, writer
 from lic_checkpoints.convert.checkpoint import read_checkpoint
 from lic_checkpoints.verify.builders import build_target, build_upstream, canonical_upstream_names
 
-NAMES = ("tcm_n64", "dcae")  # one with synthesized buffers, one with swapped channel blocks
+#: small configurations whose mappings together use every kind of step (synthesized buffers,
+#: swapped channel blocks, permuted tables, dropped keys, fan-outs)
+NAMES = covering_configurations()
 
 
 def file_mappings(path: Path) -> list[tuple[int, int]]:
@@ -45,10 +47,8 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 @pytest.fixture(scope="module", params=NAMES)
-def checkpoint(request, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp(request.param) / "checkpoint_best.pth.tar"
-    torch.save(upstream_checkpoint(request.param), path)
-    return path
+def checkpoint(request, checkpoints) -> Path:
+    return checkpoints.path(request.param)  # shared by the session: read it, never modify it
 
 
 @pytest.fixture(scope="module")

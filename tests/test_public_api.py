@@ -89,3 +89,15 @@ def test_load_of_a_folder_without_config_is_one_line(tmp_path):
 def test_push_refuses_a_repo_id_without_namespace_before_anything_else(tmp_path):
     with pytest.raises(lic.LicError, match="no-namespace"):
         lic.push(tmp_path, "no-namespace")
+
+
+def test_public_functions_stay_callable_beside_the_subpackages_of_the_same_name():
+    import inspect
+
+    import lic_checkpoints.convert.api as convert_api  # dotted imports through the subpackages still work
+    import lic_checkpoints.verify.api as verify_api
+
+    assert callable(lic.convert) and callable(lic.verify)
+    assert lic.convert.api is convert_api and lic.verify.api is verify_api
+    assert list(inspect.signature(lic.convert).parameters)[:2] == ["src", "out_dir"]
+    assert list(inspect.signature(lic.verify).parameters)[:2] == ["src", "converted"]

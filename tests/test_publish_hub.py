@@ -27,14 +27,15 @@ from huggingface_hub.utils import logging as hf_logging
 from safetensors.torch import load as safetensors_load
 
 import hub_double
-from lic_checkpoints.convert import api, demo
+from lic_checkpoints.convert import api, demo, registry
 from lic_checkpoints.publish import bundle as bundle_mod
 from lic_checkpoints.publish import card, cli
 from lic_checkpoints.publish.errors import DownloadError
 from lic_checkpoints.publish.hub import download_converted
 
 TOKEN = "hf_H6doubleTOKENneverPRINTED0123"
-REPO = "lic-test/tcm-n64"
+CONFIGURATION = registry.smallest_configuration()
+REPO = f"lic-test/{CONFIGURATION.name.replace('_', '-')}"
 PUBLISHED = ("README.md", "model.safetensors", "config.json", "parity_report.json")
 PARITY_MD = "| tier | result |\n|---|---|\n| forward | passed |\n"
 
@@ -42,10 +43,12 @@ PARITY_MD = "| tier | result |\n|---|---|\n| forward | passed |\n"
 # ---- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
-    """A real lic-convert output folder (tcm_n64 demo), converted once for the module."""
+    """A real lic-convert output folder (the smallest configuration's demo), converted once for the module."""
     work = tmp_path_factory.mktemp("convert")
-    upstream = demo.demo_checkpoint("tcm_n64", work / "tcm_n64-upstream.pth.tar")
-    return api.convert_checkpoint(upstream, work / "tcm_n64-compressai").out_dir
+    upstream = demo.demo_checkpoint(CONFIGURATION.name, work / "upstream.pth.tar")
+    converted = api.convert_checkpoint(upstream, work / "compressai").out_dir
+    upstream.unlink()
+    return converted
 
 
 def _parity(folder: Path, passed: bool | None, config: dict) -> None:
@@ -165,11 +168,14 @@ def test_model_card_metadata_and_body(hub, make_folder):
     config = json.loads((folder / "config.json").read_text())
     assert parsed.data.license == "mit" and config["license"] == "MIT"
     assert parsed.data.library_name == "compressai"
-    assert {"image-compression", "learned-image-compression", "compressai", "tcm"} <= set(parsed.data.tags)
+    assert {"image-compression", "learned-image-compression", "compressai", config["family"]} <= set(parsed.data.tags)
     body = parsed.text
     assert "[!WARNING]" not in body
     assert config["upstream"]["paper"] in body and config["upstream"]["repo"] in body
-    assert 'target_class("tcm")(N=64, M=320)' in body and "net.update(force=True)" in body
+    assert f'net = lic.load("{REPO}")' in body and "net.eval().update(force=True)" in body
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in config["target"]["kwargs"].items())
+    module, _, name = config["target"]["compressai_class"].rpartition(".")
+    assert f"from {module} import {name}\n" in body and f"net = {name}({kwargs})\n" in body
     assert PARITY_MD.strip() in body
 
 
@@ -182,7 +188,9 @@ def test_card_usage_snippet_runs(hub, make_folder):
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - our own generated card
     net = namespace["net"]
-    assert type(net).__name__ == "TCM"
+    assert type(net) is registry.import_class(CONFIGURATION.family.target["ours"])
+    assert not net.training and namespace["x_hat"].shape == namespace["x"].shape
+    assert net.decompress(namespace["coded"]["strings"], namespace["coded"]["shape"])["x_hat"].shape == namespace["x"].shape
     published = safetensors_load(commit.files["model.safetensors"])
     parameters = dict(net.named_parameters())
     assert parameters and all(value.equal(published[key]) for key, value in parameters.items())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 import sys
 import types
@@ -15,7 +14,8 @@ from compressai.models import CompressionModel
 from torch import Tensor, nn
 
 from compressai.ans import BufferedRansEncoder
-from conftest import FIXTURE_NAMES, TARGETS_DIR, fixture_expected
+from conftest import CONFIGURATION_NAMES, fixture_expected, target_manifest
+from lic_checkpoints.convert import registry
 from lic_checkpoints.verify.models.compressai import installed
 from lic_checkpoints.verify.models.compressai.latent_codecs import (
     LrpGaussianSliceCodec,
@@ -175,9 +175,9 @@ def structure(keys: list[str]) -> list[str]:
     return patterns
 
 
-@pytest.mark.parametrize("target_name", FIXTURE_NAMES)
+@pytest.mark.parametrize("target_name", CONFIGURATION_NAMES)
 def test_state_dict_keys_follow_master_layout(model, target_name):
-    target = json.loads((TARGETS_DIR / f"{target_name}.json").read_text())
+    target = target_manifest(target_name)
     slice_index = re.compile(r"\.y(\d+)\.")
 
     def in_toy_range(key: str) -> bool:
@@ -257,8 +257,9 @@ def test_training_forward_rounds_with_straight_through_gradient(model):
 # ----------------------------------------------------------------------------- entropy coding
 
 
-def test_update_fills_every_slice_table(updated_model):
-    expected = fixture_expected("dcae")
+@pytest.mark.parametrize("name", CONFIGURATION_NAMES)
+def test_update_fills_every_slice_table(updated_model, name):
+    expected = fixture_expected(name)
     leaves = [updated_model.latent_codec.y.latent_codec[f"y{k}"] for k in range(K)]
     for leaf in leaves:
         gc = leaf.gaussian_conditional
@@ -341,12 +342,12 @@ class ReplayHead(nn.Module):
         return self.params
 
 
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
+@pytest.mark.parametrize("name", CONFIGURATION_NAMES)
 def test_upstream_parameters_replayed_through_leaves_give_upstream_y(name):
     """Upstream's y, means and scales through our leaves: its likelihoods, and its y stream
     byte for byte once our per-slice symbols and indexes are packed the upstream way."""
     expected = fixture_expected(name)
-    kwargs = json.loads((TARGETS_DIR / f"{name}.json").read_text())["resolved_kwargs"]
+    kwargs = target_manifest(name)["resolved_kwargs"]
     width = kwargs["M"] // kwargs["num_slices"]
     leaf = LrpGaussianSliceCodec(nn.Conv2d(width + 1, width, 1), mean_support_trail_channels=1)
     leaf.eval()
@@ -405,42 +406,56 @@ def test_compression_model_loads_empty_and_filled_tables(updated_model, coded):
 # ----------------------------------------------------------------------------- class switch
 
 
+def _module_and_class(spec: str) -> tuple[str, str]:
+    """``"pkg.mod:Class"`` or ``"pkg.mod.Class"`` -> ``("pkg.mod", "Class")``."""
+    module, sep, name = spec.partition(":")
+    return (module, name) if sep else tuple(spec.rsplit(".", 1))
+
+
 def test_installed_classes_reports_only_real_classes():
     found = installed.installed_classes()
-    assert set(found) <= set(installed.TARGET_CLASSES)
+    assert set(found) <= set(registry.family_names())
     for family, cls in found.items():
-        module_name, class_name = installed.TARGET_CLASSES[family]
+        module_name, class_name = _module_and_class(registry.family(family).target["compressai_class"])
         assert cls.__name__ == class_name
-        assert cls.__module__ == f"compressai.models.{module_name}"
-    for family in set(installed.TARGET_CLASSES) - set(found):
-        module_name, class_name = installed.TARGET_CLASSES[family]
-        missing = rf"compressai\.models\.{module_name}\.{class_name}"
+        assert cls.__module__ == module_name
+    for family in set(registry.family_names()) - set(found):
+        missing = re.escape(registry.family(family).target["compressai_class"])
         with pytest.raises(installed.MissingTargetClassError, match=missing):
             installed.target_class(family, "installed")
 
 
 def test_installed_class_is_picked_up_when_present(monkeypatch):
-    fake = types.ModuleType("compressai.models.saaf")
-    fake.SAAF = type("SAAF", (), {})
-    monkeypatch.setitem(sys.modules, "compressai.models.saaf", fake)
-    assert installed.installed_classes()["saaf"] is fake.SAAF
-    assert installed.target_class("saaf", source="installed") is fake.SAAF
+    family = registry.family_names()[-1]
+    module_name, class_name = _module_and_class(registry.family(family).target["compressai_class"])
+    fake = types.ModuleType(module_name)
+    setattr(fake, class_name, type(class_name, (), {}))
+    monkeypatch.setitem(sys.modules, module_name, fake)
+    assert installed.installed_classes()[family] is getattr(fake, class_name)
+    assert installed.target_class(family, source="installed") is getattr(fake, class_name)
 
 
 def test_our_classes_are_imported_lazily_by_module_path(monkeypatch):
-    fake = types.ModuleType(f"{installed.OUR_PACKAGE}.tcm")
-    fake.TCM = type("TCM", (), {})
-    monkeypatch.setitem(sys.modules, f"{installed.OUR_PACKAGE}.tcm", fake)
-    assert installed.target_class("tcm") is fake.TCM
-    assert installed.target_class("tcm_auxt", source="ours") is fake.TCM
-    empty = types.ModuleType(f"{installed.OUR_PACKAGE}.dcae")
-    monkeypatch.setitem(sys.modules, f"{installed.OUR_PACKAGE}.dcae", empty)
-    with pytest.raises(installed.MissingTargetClassError, match="no class DCAE"):
-        installed.target_class("dcae")
+    families = registry.families()
+    module_name, class_name = _module_and_class(families[0].target["ours"])
+    fake = types.ModuleType(module_name)
+    setattr(fake, class_name, type(class_name, (), {}))
+    monkeypatch.setitem(sys.modules, module_name, fake)
+    sharing = [f.family for f in families if _module_and_class(f.target["ours"]) == (module_name, class_name)]
+    for family in sharing:
+        assert installed.target_class(family) is getattr(fake, class_name)
+        assert installed.target_class(family, source="ours") is getattr(fake, class_name)
+    other = next(f for f in families if _module_and_class(f.target["ours"])[0] != module_name)
+    other_module, other_class = _module_and_class(other.target["ours"])
+    monkeypatch.setitem(sys.modules, other_module, types.ModuleType(other_module))
+    with pytest.raises(installed.MissingTargetClassError, match=f"no class {other_class}"):
+        installed.target_class(other.family)
 
 
 def test_bad_family_or_source_is_refused():
-    with pytest.raises(installed.MissingTargetClassError, match="unknown model family 'stf'"):
-        installed.target_class("stf")
+    unknown = "no_such_family"
+    assert unknown not in registry.family_names()
+    with pytest.raises(installed.MissingTargetClassError, match=f"unknown .*family '{unknown}'"):
+        installed.target_class(unknown)
     with pytest.raises(ValueError, match="source must be"):
-        installed.target_class("tcm", source="upstream")  # type: ignore[arg-type]
+        installed.target_class(registry.family_names()[0], source="upstream")  # type: ignore[arg-type]

@@ -11,19 +11,21 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
-import datetime
 from collections import Counter, OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import upstream_checkpoint
+from conftest import SMALL, covering_configurations, upstream_checkpoint
 from lic_checkpoints.convert import api, torch_zip, writer
 from lic_checkpoints.convert.checkpoint import SourceCheckpoint, read_checkpoint
 from lic_checkpoints.convert.errors import CheckpointError
@@ -55,9 +57,8 @@ def _assert_reads_like_torch(path: Path) -> None:
                 assert _bytes_at(path, where.offset, where.nbytes) == _tensor_bytes(value), key
 
 
-def test_reader_matches_torch_on_a_real_layout(tmp_path):
-    path = tmp_path / "tcm.pth.tar"
-    torch.save(upstream_checkpoint("tcm_n64"), path)
+def test_reader_matches_torch_on_a_real_layout(checkpoints):
+    path = checkpoints.path(SMALL)
     assert torch_zip.read_structure(path) is not None, "an ordinary checkpoint must not need torch"
     _assert_reads_like_torch(path)
 
@@ -141,10 +142,13 @@ def test_reader_declines_legacy_and_compressed_files(tmp_path):
     assert not source.lazy and torch.equal(source.state_dict["w"], torch.zeros(1000))
 
 
-@pytest.mark.parametrize("name", ["dcae", "tcm_auxt_n64"])
-def test_conversion_reads_only_what_rules_compute(tmp_path, monkeypatch, name):
-    path = tmp_path / "checkpoint.pth.tar"
-    torch.save(upstream_checkpoint(name), path)
+def _digests(folder: Path) -> dict[str, str]:
+    return {file: hashlib.sha256((folder / file).read_bytes()).hexdigest() for file in ("model.safetensors", "config.json")}
+
+
+@pytest.mark.parametrize("name", covering_configurations())
+def test_conversion_reads_only_what_rules_compute(tmp_path, monkeypatch, checkpoints, name):
+    path = checkpoints.path(name)  # shared by the session: read it, never modify it
     read: list[str] = []
     copied: list[writer.FileRange] = []
     original_read, original_copy = SourceCheckpoint.read_tensor, writer._Output.copy
@@ -170,15 +174,15 @@ def test_conversion_reads_only_what_rules_compute(tmp_path, monkeypatch, name):
     assert len(copied) == len(passed_on)
     assert sum(c.nbytes for c in copied) > 0.5 * result.bytes_written
 
+    lazy = _digests(tmp_path / "lazy")
+    shutil.rmtree(tmp_path / "lazy")  # one output on disk at a time
     eager = read_checkpoint(path)  # torch.load, memory-mapped: the reference path
     api.convert_checkpoint(path, tmp_path / "eager", source=eager)
-    for file in ("model.safetensors", "config.json"):
-        assert (tmp_path / "lazy" / file).read_bytes() == (tmp_path / "eager" / file).read_bytes(), file
+    assert _digests(tmp_path / "eager") == lazy  # byte-identical files
 
 
-def test_lic_convert_runs_without_importing_torch(tmp_path):
-    path = tmp_path / "checkpoint.pth.tar"
-    torch.save(upstream_checkpoint("tcm_n64"), path)
+def test_lic_convert_runs_without_importing_torch(tmp_path, checkpoints):
+    path = checkpoints.path(SMALL)
     script = (
         "import sys\n"
         "from lic_checkpoints.convert.cli import main\n"
@@ -193,7 +197,7 @@ def test_lic_convert_runs_without_importing_torch(tmp_path):
 
 def test_strided_and_shared_source_tensors_convert_like_torch(tmp_path):
     """A renamed tensor stored with other strides, or inside a bigger storage, is computed, not copied."""
-    container = upstream_checkpoint("tcm_n64")
+    container = upstream_checkpoint(SMALL)
     state = container["state_dict"]
     strided = next(k for k, v in state.items() if v.dim() == 2 and v.shape[0] != v.shape[1])
     state[strided] = state[strided].t().contiguous().t()  # same values, column-major storage

@@ -1,14 +1,18 @@
-"""Extract the layouts the package ships from the project's shared facts.
+"""Extract the layouts the package ships from the golden test data.
 
-Run by hand when ``../shared`` changes:  ``python tools/extract_layouts.py ../shared``.
+Run by hand when ``tests/data`` changes:  ``python tools/extract_layouts.py [DATA_DIR [OUT_DIR]]``
+(defaults: ``tests/data`` and ``mappings/layouts``).
 
-For each published configuration it writes ``mappings/layouts/<name>/``:
+For each published configuration of the registry (``registry.configuration_names()``: the
+``layout`` of every variant in ``mappings/*.yaml``) it writes ``OUT_DIR/<name>/``:
 
 - ``target.json``: the CompressAI-master state-dict layout (key, shape, dtype, kind, in order);
   entropy-table entries whose size depends on ``update()`` get shape ``null``;
 - ``upstream.json``: the upstream state-dict layout, the upstream class, kwargs and checkpoint
   container, plus the synthetic-weight recipe parameters (for ``--demo``);
 - ``upstream_constants.safetensors``: the values of the upstream constant buffers.
+
+A configuration whose data is missing is an error naming the missing file.
 """
 
 from __future__ import annotations
@@ -18,14 +22,26 @@ import shutil
 import sys
 from pathlib import Path
 
-NAMES = ("tcm_n64", "tcm_n128", "tcm_auxt_n64", "dcae", "saaf")
+ROOT = Path(__file__).resolve().parents[1]
 VARIABLE_SIZE = ("._quantized_cdf", "._offset", "._cdf_length", ".scale_table")
 
 
-def main(shared: Path, out: Path) -> None:
-    for name in NAMES:
-        target = json.loads((shared / "targets" / f"{name}.json").read_text())
-        manifest = json.loads((shared / "fixtures" / name / "manifest.json").read_text())
+def configuration_names() -> list[str]:
+    from lic_checkpoints.convert import registry
+
+    return registry.configuration_names()
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"extract_layouts: {path} is missing (see tests/data/README.md)")
+    return json.loads(path.read_text())
+
+
+def extract(data: Path, out: Path, names: list[str]) -> None:
+    for name in names:
+        target = _read_json(data / "targets" / f"{name}.json")
+        manifest = _read_json(data / "fixtures" / name / "manifest.json")
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         rows = [
@@ -47,8 +63,14 @@ def main(shared: Path, out: Path) -> None:
             "recipe": recipe,
             "state_dict": manifest["state_dict"],
         }, indent=0))
-        shutil.copyfile(shared / "fixtures" / name / "constants.safetensors", folder / "upstream_constants.safetensors")
+        shutil.copyfile(data / "fixtures" / name / "constants.safetensors", folder / "upstream_constants.safetensors")
+
+
+def main(argv: list[str]) -> None:
+    data = Path(argv[0]) if argv else ROOT / "tests" / "data"
+    out = Path(argv[1]) if len(argv) > 1 else ROOT / "mappings" / "layouts"
+    extract(data, out, configuration_names())
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(__file__).resolve().parents[1] / "mappings" / "layouts")
+    main(sys.argv[1:])

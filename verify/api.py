@@ -25,7 +25,7 @@ from lic_checkpoints.convert.finite import all_finite
 from . import images as images_mod
 from .builders import build_target, build_upstream, canonical_upstream_names
 from .report import ParityReport
-from .tiers import CodedSide, TierResult, Tolerances, tier0, tier1, tier2, tier3
+from .tiers import CodedSide, TierResult, Tolerances, entropy_tables_check, tier0, tier1, tier2, tier3
 
 ALL_TIERS = ("T0", "T1", "T2", "T3")
 
@@ -60,6 +60,24 @@ def _load_converted(converted: str | Path | None, plan: engine.Plan, source: Sou
 def _forward(model, x: torch.Tensor, with_params: bool) -> dict[str, Any]:
     with torch.no_grad():
         return model(x, return_params=True) if with_params else model(x, return_latents=True)
+
+
+#: the buffers ``update()`` fills in compressai's entropy models
+TABLE_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+def _entropy_tables(model) -> dict[str, torch.Tensor]:
+    """Copies of the entropy tables ``model`` holds now, by state-dict name."""
+    from compressai.entropy_models import EntropyModel
+
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, EntropyModel):
+            for name in TABLE_BUFFERS:
+                value = getattr(module, name, None)
+                if isinstance(value, torch.Tensor):
+                    out[f"{prefix}.{name}" if prefix else name] = value.detach().clone()
+    return out
 
 
 def _reference_side(model, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
@@ -265,13 +283,17 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
         if isinstance(reference, _AuthorsCode):
             ref_sides = authors_sides
         else:
+            stored = _entropy_tables(reference)
             reference.update(force=True)
+            tables = entropy_tables_check(stored, _entropy_tables(reference))
             ref_sides = [_reference_side(reference, img.x, out) for img, out in zip(test_images, ref_out)]
         tgt_sides = [_target_side(tgt_model, img.x, out, ref) for img, out, ref in zip(test_images, tgt_out, ref_sides)]
         timings["coding"] = time.perf_counter() - t
         table = tgt_model.latent_codec.y.latent_codec["y0"].gaussian_conditional.scale_table
         if "T2" in wanted:
             report.tiers.append(tier2(test_images, ref_sides, tgt_sides, detection.variables.get("K", 5), table, tol))
+            if not isinstance(reference, _AuthorsCode):
+                report.tiers[-1].checks.insert(0, tables)
         if "T3" in wanted:
             say("T3: rate-distortion")
             labels = (f"{detection.family}-upstream", f"{detection.family}-compressai")

@@ -41,9 +41,33 @@ def canonical_upstream_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     return out
 
 
+def _as_the_model_holds(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` made loadable the way ``load_state_dict`` without ``assign`` would take it.
+
+    * A floating tensor of another dtype (a float16 or bfloat16 checkpoint) is cast to the model's
+      dtype, as copying it into the model's float32 parameter does in the authors' eval scripts.
+    * An empty buffer of the model (an entropy table before ``update()``) takes the checkpoint's
+      shape when the checkpoint holds it filled, as CompressAI's own loading resizes them.
+    """
+    parameters = dict(model.named_parameters())
+    own = {**parameters, **dict(model.named_buffers())}
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        mine = own.get(key)
+        if mine is None:
+            continue  # strict loading names it
+        if value.is_floating_point() and mine.is_floating_point() and value.dtype != mine.dtype:
+            out[key] = value.to(mine.dtype)
+        if mine.numel() == 0 and value.shape != mine.shape and key not in parameters:
+            owner, _, leaf = key.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module._buffers[leaf] = torch.empty(value.shape, dtype=mine.dtype, device=mine.device)
+    return out
+
+
 def _materialize(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Load ``state_dict`` by assignment (sharing storage), strictly, into a meta-built model."""
-    result = nn.Module.load_state_dict(model, dict(state_dict), strict=True, assign=True)
+    result = nn.Module.load_state_dict(model, _as_the_model_holds(model, state_dict), strict=True, assign=True)
     del result
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:

@@ -166,7 +166,12 @@ def tier0(plan: engine.Plan, source: Mapping[str, torch.Tensor], converted: Mapp
     result.checks.append(Check(
         "inverse round trip", not problems,
         f"upstream -> CompressAI -> upstream bit-exact for {restored_ok} tensors" if not problems else problems[0],
-        {"restored": restored_ok},
+        {"restored": restored_ok,
+         # the source's spelling the keys were compared in
+         "key_prefix": spelling.key_prefix,
+         "alternatives": {name: index for name, index in sorted(spelling.alternatives.items()) if index},
+         "renamed_keys": len(spelling.renamed_keys),
+         "source_key_order": spelling.key_order is not None},
     ))
     return result
 
@@ -238,11 +243,16 @@ def tier1(images, ref_outputs, tgt_outputs, tol: Tolerances) -> TierResult:
             "psnr_reference": psnr(img.unpad(rf["x_hat"].clamp(0, 1)), x),
             "psnr_target": psnr(img.unpad(tf["x_hat"].clamp(0, 1)), x),
         }
-        rel = abs(info["bpp_reference"] - info["bpp_target"]) / max(abs(info["bpp_reference"]), 1e-12)
+        both_infinite = math.isinf(info["bpp_reference"]) and info["bpp_reference"] == info["bpp_target"]
+        if both_infinite:  # likelihoods of exactly 0 on both sides; the rows above compare them elementwise
+            rel = 0.0
+        else:
+            rel = abs(info["bpp_reference"] - info["bpp_target"]) / max(abs(info["bpp_reference"]), 1e-12)
         ok = math.isfinite(rel) and rel <= tol.likelihood_rtol
+        note = " (both infinite: some likelihoods are exactly 0 on both sides)" if both_infinite else ""
         result.checks.append(Check(
             f"{img.name}: estimated bpp / PSNR", bool(ok),
-            f"bpp {info['bpp_reference']:.6f} vs {info['bpp_target']:.6f} (rel {rel:.2g}); "
+            f"bpp {info['bpp_reference']:.6f} vs {info['bpp_target']:.6f} (rel {rel:.2g}){note}; "
             f"PSNR {info['psnr_reference']:.4f} vs {info['psnr_target']:.4f} dB",
             {**info, "bpp_rel_diff": rel},
         ))
@@ -280,6 +290,30 @@ def rounding_margin(v: torch.Tensor) -> torch.Tensor:
 def index_margin(scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Distance of each (bounded) scale from the nearest scale-table boundary."""
     return (scales.double()[..., None] - table.double()).abs().min(dim=-1).values
+
+
+def entropy_tables_check(stored: Mapping[str, torch.Tensor], rebuilt: Mapping[str, torch.Tensor]) -> Check:
+    """The checkpoint's own entropy tables (as loaded) against the ones ``update(force=True)`` rebuilds.
+
+    Both sides code with the rebuilt tables.  Tables saved after ``update()`` are compared with them and
+    the report says whether they agree: a checkpoint whose stored tables are stale codes differently
+    under an eval script that keeps them (``update()`` without ``force``).
+    """
+    filled = {k: v for k, v in stored.items() if v.numel() > 0}
+    if not filled:
+        return Check("entropy tables", True, "the checkpoint holds none (as training saves it); both sides "
+                     "build them with update(force=True)", {"stored": "empty", "used": "rebuilt"})
+    differing = [k for k, v in filled.items() if k not in rebuilt or not _equal(v, rebuilt[k])]
+    if not differing:
+        return Check("entropy tables", True, f"the checkpoint's {len(filled)} filled tables equal the ones "
+                     "update(force=True) rebuilds; both sides code with them", {"stored": "filled", "used": "rebuilt",
+                                                                                  "differing": []})
+    return Check("entropy tables", True,
+                 f"{len(differing)} of the checkpoint's {len(filled)} filled tables differ from the rebuilt ones "
+                 f"(e.g. {differing[0]}); both sides code with the rebuilt ones, while an eval that keeps the "
+                 "stored tables (update() without force) would code differently", {"stored": "filled",
+                                                                                    "used": "rebuilt",
+                                                                                    "differing": differing})
 
 
 def tier2(images, ref_sides: list[CodedSide], tgt_sides: list[CodedSide], num_slices: int,

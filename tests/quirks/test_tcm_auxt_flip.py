@@ -63,7 +63,7 @@ def test_explained_flip_in_slice_0_leaves_later_slices_compared(tmp_path):
     verify_api._run_model_tiers(report, ["T2", "T3"], reference, target, [image], Tolerances(), {}, lambda _: None,
                                 None, detection)
     tier, rate_distortion = report.tiers
-    checks = {c.name.split(": ", 1)[1]: c for c in tier.checks}
+    checks = {c.name.split(": ", 1)[-1]: c for c in tier.checks}
 
     first = checks["slice 0 symbols and scale indexes"]
     assert first.passed and first.explained, first.detail
