@@ -33,9 +33,9 @@ def convert(src: str | Path, out_dir: str | Path, *, family: str | None = None, 
     is produced with the expected shape; each file appears complete or not at all.
 
     >>> import lic_checkpoints as lic
-    >>> result = lic.convert("checkpoint_best.pth.tar", "tcm_n64_0.05/")  # doctest: +SKIP
-    >>> result.family, result.variant, [f.name for f in result.files]  # doctest: +SKIP
-    ('tcm', 'N64', ['model.safetensors', 'config.json'])
+    >>> result = lic.convert("checkpoint_best.pth.tar", "converted/")  # doctest: +SKIP
+    >>> [f.name for f in result.files]  # doctest: +SKIP
+    ['model.safetensors', 'config.json']
 
     ``trust_pickle=True`` fully unpickles the file, which can run code stored in it: only for files
     from a source you trust that torch's safe loader refuses.
@@ -54,7 +54,7 @@ def restore(converted: str | Path, out_path: str | Path, *, canonical: bool = Fa
     the same keys and bit-identical tensors; ``canonical=True`` writes upstream's plain names.
 
     >>> import lic_checkpoints as lic
-    >>> result = lic.restore("tcm_n64_0.05/", "upstream.pth.tar")  # doctest: +SKIP
+    >>> result = lic.restore("converted/", "upstream.pth.tar")  # doctest: +SKIP
     >>> len(result.state_dict)  # doctest: +SKIP
     1293
     """
@@ -71,7 +71,7 @@ def verify(src: str | Path, converted: str | Path | None = None, **options: Any)
     ``tolerances``, ``target="installed"``, ``upstream_repo``, ...).
 
     >>> import lic_checkpoints as lic
-    >>> report = lic.verify("checkpoint_best.pth.tar", "tcm_n64_0.05/")  # doctest: +SKIP
+    >>> report = lic.verify("checkpoint_best.pth.tar", "converted/")  # doctest: +SKIP
     >>> report.passed  # doctest: +SKIP
     True
     >>> print(report.to_markdown())  # doctest: +SKIP
@@ -93,8 +93,8 @@ def load(path_or_hub_id: str | Path, *, target: str = "ours", revision: str | No
     class (CompressAI master) instead of ours.
 
     >>> import lic_checkpoints as lic
-    >>> net = lic.load("tcm_n64_0.05/")  # doctest: +SKIP
-    >>> net = lic.load("owner/tcm-n64-0.05", revision="main")  # doctest: +SKIP
+    >>> net = lic.load("converted/")  # doctest: +SKIP
+    >>> net = lic.load("owner/name", revision="main")  # doctest: +SKIP
     >>> x_hat = net(x)["x_hat"]  # doctest: +SKIP
     """
     from lic_checkpoints.verify.loading import load_converted
@@ -128,8 +128,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     ``token``, ``HF_TOKEN`` or the ``huggingface_hub`` login.
 
     >>> import lic_checkpoints as lic
-    >>> lic.push("tcm_n64_0.05/", "your-name/tcm-n64-0.05")  # doctest: +SKIP
-    PushResult(repo_url='https://huggingface.co/your-name/tcm-n64-0.05', ...)
+    >>> lic.push("converted/", "your-name/model-name")  # doctest: +SKIP
+    PushResult(repo_url='https://huggingface.co/your-name/model-name', ...)
     """
     from lic_checkpoints.publish import bundle as bundle_mod
     from lic_checkpoints.publish import hub

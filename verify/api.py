@@ -25,7 +25,8 @@ from lic_checkpoints.convert.finite import all_finite
 from . import images as images_mod
 from .builders import build_target, build_upstream, canonical_upstream_names
 from .report import ParityReport
-from .tiers import CodedSide, TierResult, Tolerances, entropy_tables_check, tier0, tier1, tier2, tier3
+from .tiers import (CodedSide, Check, TierResult, Tolerances, compare_tensor, entropy_tables_check, tier0, tier1,
+                    tier2, tier3)
 
 ALL_TIERS = ("T0", "T1", "T2", "T3")
 
@@ -163,6 +164,15 @@ def _target_side(model, x: torch.Tensor, fwd: dict[str, Any], reference: CodedSi
     )
 
 
+def _dtype_counts(state_dict) -> dict[str, int]:
+    """How many source tensors hold each dtype (a float16 checkpoint is verified as float32 models)."""
+    counts: dict[str, int] = {}
+    for value in state_dict.values():
+        name = str(value.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def verify_checkpoint(
     src: str | Path,
     converted: str | Path | None = None,
@@ -180,6 +190,8 @@ def verify_checkpoint(
 ) -> ParityReport:
     """Check that the CompressAI-layout model computes what the upstream model computes."""
     tol = tolerances or Tolerances()
+    if target not in ("ours", "installed"):
+        raise LicError(f"target must be 'ours' or 'installed', got {target!r}")
     wanted = [t for t in ALL_TIERS if t in set(tiers)]
     say = progress or (lambda message: None)
     timings: dict[str, float] = {}
@@ -191,6 +203,11 @@ def verify_checkpoint(
     # tiers run; the report takes their hashes at the end, and a damaged file fails the check there.
     source = read_checkpoint(src, trust_pickle=trust_pickle, check_now=False)
     detection, plan = convert_api.plan_conversion(source, family=family, mapping=mapping)
+    installed_cls = None
+    if target == "installed":  # a usage error (exit 2) before any work when the class is missing
+        from .models.compressai.installed import target_class
+
+        installed_cls = target_class(detection.family, source="installed")
     conv = _load_converted(converted, plan, source) if plan.ok else _Converted({}, {"origin": "not converted"})
     test_images = images_mod.load(images)
     mapping = detection.mapping
@@ -198,16 +215,22 @@ def verify_checkpoint(
         family=detection.family,
         variant=detection.variant.name,
         variables=detection.variables,
-        source={"file": source.path.name, "sha256": None, "format": source.file_format},
+        source={"file": source.path.name, "sha256": None, "format": source.file_format,
+                "dtypes": _dtype_counts(source.state_dict)},
         converted=conv.description,
         mapping={"file": mapping.file, "version": mapping.version, "sha256": mapping.sha256},
         reference=(f"the authors' {mapping.upstream['class']} from {upstream_repo}" if upstream_repo else
                    "lic-checkpoints re-implementation of " + mapping.upstream["class"]
                    + f" ({mapping.upstream.get('repo', '')}@{str(mapping.upstream.get('commit', ''))[:7]})"),
-        target=("lic-checkpoints " if target == "ours" else "installed compressai ") + mapping.target["class"],
+        target=("lic-checkpoints " + mapping.target["class"] if installed_cls is None else
+                _installed_description(installed_cls, detection.variant.target_kwargs)),
         inputs=[{"name": i.name, "shape": list(i.x.shape), "sha256": i.sha256} for i in test_images],
         tolerances=tol,
     )
+    narrow = [d for d in report.source["dtypes"] if d in ("float16", "bfloat16")]
+    if narrow:
+        report.notes.append(f"the checkpoint holds {' and '.join(narrow)} tensors; both models compute in float32 "
+                            "with them cast, as loading them into the authors' float32 model does")
     non_finite = [k for k, v in source.state_dict.items() if not all_finite(v)]
     if non_finite:
         report.notes.append(f"{len(non_finite)} checkpoint tensors hold NaN or Inf, e.g. {non_finite[0]}")
@@ -223,6 +246,27 @@ def verify_checkpoint(
         for name in model_tiers:
             report.tiers.append(TierResult(name, "", skipped=f"the conversion is incomplete: {plan.problems()}"))
         model_tiers = []
+    tgt_model = None
+    if installed_cls is not None and plan.ok and ("T0" in wanted or model_tiers):
+        say("loading the converted weights into the installed compressai's class")
+        t = time.perf_counter()
+        tgt_model, problem = _load_installed(detection, conv.tensors)
+        timings["load_installed"] = time.perf_counter() - t
+        if "T0" in wanted:
+            next(r for r in report.tiers if r.tier == "T0").checks.append(Check(
+                "strict load into the installed class", problem is None,
+                f"{report.target}: load_state_dict(strict=True) takes every converted tensor"
+                if problem is None else problem))
+        if problem is not None:
+            for name in model_tiers:
+                report.tiers.append(TierResult(name, "", skipped=f"not run: {problem}"))
+            model_tiers = []
+        else:
+            report.notes.append(
+                "target: the installed compressai's own class, run unmodified; the tensors its forward does not "
+                "return (y, means, scales, each slice's decoded y_hat) are observed with forward hooks on its "
+                "modules, and its decompress output, which it does not clamp, is clamped to [0, 1] as eval "
+                "scripts do")
     if model_tiers:
         say("building both models")
         t = time.perf_counter()
@@ -230,10 +274,11 @@ def verify_checkpoint(
             reference = build_upstream(detection.family, detection.variant.upstream_kwargs, source.state_dict)
         else:
             reference = _AuthorsCode(Path(upstream_repo), mapping, detection, source.state_dict)
-        tgt_model = build_target(detection.family, detection.variant.target_kwargs, conv.tensors, source=target)
+        if tgt_model is None:
+            tgt_model = build_target(detection.family, detection.variant.target_kwargs, conv.tensors, source=target)
         timings["build"] = time.perf_counter() - t
         _run_model_tiers(report, model_tiers, reference, tgt_model, test_images, tol, timings, say, save_outputs,
-                         detection)
+                         detection, installed=installed_cls is not None)
     for name in wanted:
         if not any(t.tier == name for t in report.tiers):
             report.tiers.append(TierResult(name, "", skipped="not run"))
@@ -263,7 +308,8 @@ class _AuthorsCode:
                              self.state_dict, test_images, coding=coding)
 
 
-def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, timings, say, save_outputs, detection):
+def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, timings, say, save_outputs, detection,
+                     installed: bool = False):
     t = time.perf_counter()
     say("T1: forward")
     coding = "T2" in wanted or "T3" in wanted
@@ -271,10 +317,19 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
         ref_out, authors_sides = reference.run(test_images, coding)
     else:
         ref_out = [_forward(reference, img.x, False) for img in test_images]
-    tgt_out = [_forward(tgt_model, img.x, True) for img in test_images]
+    view = None
+    if installed:
+        from .models.compressai.installed import MasterView
+
+        view = MasterView(tgt_model)
+        tgt_out = [view.forward(img.x) for img in test_images]
+    else:
+        tgt_out = [_forward(tgt_model, img.x, True) for img in test_images]
     timings["forward"] = time.perf_counter() - t
     if "T1" in wanted:
         report.tiers.append(tier1(test_images, ref_out, tgt_out, tol))
+        if view is not None:
+            _installed_forward_rows(report, report.tiers[-1], view, test_images, ref_out, tgt_out, tol, detection)
     ref_sides = tgt_sides = None
     if coding:
         say("T2: entropy coding")
@@ -287,10 +342,17 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
             reference.update(force=True)
             tables = entropy_tables_check(stored, _entropy_tables(reference))
             ref_sides = [_reference_side(reference, img.x, out) for img, out in zip(test_images, ref_out)]
-        tgt_sides = [_target_side(tgt_model, img.x, out, ref) for img, out, ref in zip(test_images, tgt_out, ref_sides)]
+        if view is not None:
+            tgt_sides = [_installed_side(view, img.x, out) for img, out in zip(test_images, tgt_out)]
+        else:
+            tgt_sides = [_target_side(tgt_model, img.x, out, ref)
+                         for img, out, ref in zip(test_images, tgt_out, ref_sides)]
         timings["coding"] = time.perf_counter() - t
         table = tgt_model.latent_codec.y.latent_codec["y0"].gaussian_conditional.scale_table
-        if "T2" in wanted:
+        if "T2" in wanted and view is not None and not view.observable:
+            report.tiers.append(TierResult("T2", "entropy coding", skipped=(
+                f"the coded decisions of {type(tgt_model).__name__} cannot be observed ({view.missing})")))
+        elif "T2" in wanted:
             report.tiers.append(tier2(test_images, ref_sides, tgt_sides, detection.variables.get("K", 5), table, tol))
             if not isinstance(reference, _AuthorsCode):
                 report.tiers[-1].checks.insert(0, tables)
@@ -302,6 +364,118 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
             report.eval_model = eval_json
     if save_outputs is not None:
         _save_outputs(Path(save_outputs), ref_out, tgt_out, ref_sides, tgt_sides)
+
+
+# --- the installed compressai's own classes as the target ----------------------------------------
+
+
+def _installed_description(cls: type, kwargs) -> str:
+    import compressai
+
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"installed compressai {compressai.__version__} {cls.__module__}.{cls.__qualname__}({args})"
+
+
+def _load_installed(detection, tensors) -> tuple[Any, str | None]:
+    """The installed class holding the converted tensors, strictly loaded; or why it cannot be."""
+    try:
+        return build_target(detection.family, detection.variant.target_kwargs, tensors, source="installed"), None
+    except LicError as error:
+        return None, str(error)
+
+
+def _installed_side(view, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
+    """The installed model's coding results from its own ``compress``/``decompress``: its real strings
+    (one rANS stream per slice) and the decisions behind them, observed while it coded (it does not
+    return them).  It cannot be fed the reference's context, so slices are compared as coded."""
+    model = view.model
+    if not view.observable:  # rate and distortion only
+        with torch.no_grad():
+            enc = model.compress(x)
+            dec = model.decompress(enc["strings"], enc["shape"])["x_hat"].clamp(0, 1)
+        empty = torch.empty(0)
+        return CodedSide(empty, empty, empty, empty, empty, empty, dec, fwd["x_hat"],
+                         nbytes=sum(len(s) for group in enc["strings"] for s in group),
+                         streams=len(enc["strings"]))
+    coded = view.compress(x)
+    with torch.no_grad():
+        dec = model.decompress(coded["strings"], coded["shape"])["x_hat"].clamp(0, 1)
+        y_slices = coded["y"].split(view.groups, dim=1)
+        gcs = [leaf.gaussian_conditional for leaf in view.leaves]
+        residual = [y - m for y, m in zip(y_slices, coded["means"])]
+        eb = view.codec.z.entropy_bottleneck
+        z_minus = coded["z"] - eb._get_medians()
+    return CodedSide(
+        symbols_y=torch.cat([torch.round(r) for r in residual], dim=1).int(),
+        indexes_y=torch.cat([gc.build_indexes(s) for gc, s in zip(gcs, coded["scales"])], dim=1).int(),
+        symbols_z=torch.round(z_minus).int(),
+        y_minus_means=torch.cat(residual, dim=1),
+        scales=torch.cat([gc.lower_bound_scale(s) for gc, s in zip(gcs, coded["scales"])], dim=1),
+        z_minus_medians=z_minus,
+        decoded=dec,
+        forward_x_hat=fwd["x_hat"],
+        nbytes=sum(len(s) for group in coded["strings"] for s in group),
+        streams=len(coded["strings"]),
+    )
+
+
+def _installed_forward_rows(report, tier, view, test_images, ref_out, tgt_out, tol, detection) -> None:
+    """T1 for the installed class: rows it cannot give, and the first diverging step per image."""
+    from .models.compressai.installed import known_difference
+
+    if not view.observable:
+        for img in test_images:
+            tier.checks.append(Check(f"{img.name}: y, means, scales", True,
+                                     f"not compared: {type(view.model).__name__} does not return them and cannot "
+                                     f"be observed ({view.missing})", explained=True))
+    known = known_difference(detection.family)
+    for img, ref, tgt in zip(test_images, ref_out, tgt_out):
+        prefix = f"{img.name}: "
+        failing = next((c for c in tier.checks if c.name.startswith(prefix) and not c.passed), None)
+        if failing is None:
+            continue
+        row = failing.name[len(prefix):]
+        step, detail = _first_divergence(ref, tgt, tol, view.groups if view.observable else None) or (row, "")
+        failing.name = f"{prefix}{row} (first divergence: {step})" if step != row else f"{prefix}{row} (first divergence)"
+        cause = ""
+        if known is not None and known.step == step and known.row == row:
+            cause = f"; a known difference of the installed class from the authors' code: {known.cause}"
+        failing.detail = f"{detail}{cause}; this row: {failing.detail}" if detail else f"{failing.detail}{cause}"
+        failing.values["first_divergence"] = step
+        report.notes.append(f"{img.name}: the first tensor that differs, in data-flow order, is {step}"
+                            + (f" ({detail})" if detail else "") + cause)
+
+
+def _first_divergence(ref: dict[str, Any], tgt: dict[str, Any], tol: Tolerances,
+                      groups: list[int] | None) -> tuple[str, str] | None:
+    """The first tensor, in data-flow order and slice by slice, that differs beyond tolerance.
+
+    Order: ``y``, ``likelihoods_z``, then for each slice its ``means``, ``scales``, ``likelihoods_y``
+    and decoded ``y_hat`` (which the next slice is predicted from), then ``x_hat``.
+    """
+    from .tiers import flatten_outputs
+
+    rf, tf = flatten_outputs(ref), flatten_outputs(tgt)
+    order: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    for name in ("y", "likelihoods_z"):
+        if name in rf and name in tf:
+            order.append((name, rf[name], tf[name]))
+    if groups is not None:
+        split = {name: (rf[name].split(groups, dim=1), tf[name].split(groups, dim=1))
+                 for name in ("means", "scales", "likelihoods_y") if name in rf and name in tf}
+        ref_hat = ref.get("latents", {}).get("y_hat")
+        if ref_hat is not None and "slices" in tgt:
+            split["y_hat"] = (ref_hat.split(groups, dim=1), tgt["slices"]["y_hat"])
+        for k in range(len(groups)):
+            for name in ("means", "scales", "likelihoods_y", "y_hat"):
+                if name in split:
+                    order.append((f"{name} of slice {k}", split[name][0][k], split[name][1][k]))
+    order.append(("x_hat", rf["x_hat"], tf["x_hat"]))
+    for label, a, b in order:
+        check = compare_tensor(label.split(" of ")[0], a, b, tol)
+        if not check.passed:
+            return label, f"{label}: {check.detail}"
+    return None
 
 
 def _save_outputs(folder: Path, ref_out, tgt_out, ref_sides, tgt_sides) -> None:
