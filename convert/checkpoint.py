@@ -219,7 +219,11 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
                 obj = torch.load(path, map_location="meta", weights_only=True)
             else:
                 obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mappable)
+        if mappable:  # mapped and meta reading take the pickle's storage sizes on trust: check them
+            torch_zip.check_records(path, obj if meta else None)
         return obj, file_format, meta
+    except CheckpointError:
+        raise
     except Exception as exc:  # torch raises many types for bad input; translate them all
         failure = _describe_load_failure(path, exc, is_zip)
     scan.result()  # a damaged record explains a failed load better than torch's message does
@@ -236,6 +240,8 @@ def _torch_location(path: Path, key: str, value) -> TensorLocation | None:
     base = getattr(value.untyped_storage(), "_checkpoint_offset", None)
     if base is None or not dtypes.known(value.dtype):
         return None
+    torch_zip.check_mapped_tensor(path, key, int(base), value.untyped_storage().nbytes(), value.storage_offset(),
+                                  tuple(value.shape), tuple(value.stride()), value.element_size())
     where = TensorLocation(int(base) + value.storage_offset() * value.element_size(),
                            tuple(value.shape), tuple(value.stride()), dtypes.name(value.dtype))
     return _inside(path, key, where)
@@ -267,8 +273,11 @@ def unsafe_globals(path: Path, limit: int = 5) -> list[str]:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             for name in (n for n in zf.namelist() if n.endswith(".pkl")):
-                with zf.open(name) as member:
-                    streams.append(io.BytesIO(member.read(_SCAN_BYTES)))
+                try:
+                    with zf.open(name) as member:
+                        streams.append(io.BytesIO(member.read(_SCAN_BYTES)))
+                except Exception:  # a damaged record (bad header, bad compressed data): no names from it
+                    continue
     else:
         streams = [open(path, "rb")]
     found: list[str] = []

@@ -7,32 +7,63 @@ numbers, ``OrderedDict``, torch's tensor rebuild call and its storage references
 and nothing is called: a name outside that subset is never looked up, the reader just declines.
 
 It returns ``None`` for anything it does not know (other globals, other opcodes, compressed records,
-another byte order, odd sizes), and the caller then reads the file with
-``torch.load(weights_only=True)``, which stays the authority on what is refused and why.  So this
+another byte order, odd archive records), and the caller then reads the file with
+``torch.load(weights_only=True)``, which stays the authority on what is refused for those.  So this
 reader only ever accepts a subset of what torch's safe loader accepts, and gives each tensor's shape,
 dtype and byte offset in the file without touching its data (it lets ``lic-convert`` run without
 importing torch: seconds and hundreds of megabytes less per process).
+
+Because ``lic-convert`` copies tensor bytes file to file at the offsets computed here, every claim
+the pickle makes about sizes is checked against the archive before an offset is handed out, at
+least as strictly as ``torch.load`` checks it: a storage's byte size (elements times element size)
+equals its record's size; every tensor's elements lie inside its storage; offsets, sizes and strides
+are non-negative and fit in 64 bits; a storage key means the same dtype and size wherever it is used;
+every referenced record exists; no record is listed twice or overlaps another.  A file that breaks
+one of these is refused with a :class:`CheckpointError` naming the tensor, also where the reader
+would otherwise decline (what it cannot interpret is skipped, what it can is checked).
+
+The opcodes are run the way torch's weights-only unpickler runs them (its stack, marks and memo), and
+only those it accepts: what the reader yields, torch would yield too.
+
+torch checks none of the record sizes when it maps a file (``mmap=True``) or reads it onto the meta
+device (how ``lic-convert`` locates tensors the reader declined), and on the meta device it computes
+storage offsets from the claimed sizes instead of looking records up; :func:`check_records` and
+:func:`check_mapped_tensor` apply the same checks, and check those offsets, for files torch read so.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import pickletools
 import sys
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import dtypes
+from .errors import CheckpointError
 from .integrity import record_ranges
 
 #: a data.pkl larger than this is left to torch (a state dict's pickle is a few hundred kilobytes)
 MAX_PICKLE_BYTES = 64 << 20
+#: archive format versions ``torch.save`` writes; other values are left to torch (which reads 1 to 10)
+READ_VERSIONS = range(1, 4)
+_INT64_MAX = 2**63 - 1
+#: storage classes torch's safe loader knows and :mod:`.dtypes` does not: their sizes are checked,
+#: the files that use them are left to torch
+_OTHER_STORAGES = {
+    "ComplexFloatStorage": ("complex64", 8), "ComplexDoubleStorage": ("complex128", 16),
+    "QInt8Storage": ("qint8", 1), "QUInt8Storage": ("quint8", 1), "QInt32Storage": ("qint32", 4),
+    "QUInt4x2Storage": ("quint4x2", 1), "QUInt2x4Storage": ("quint2x4", 1),
+}
+_OTHER_ITEMSIZE = dict(_OTHER_STORAGES.values())
 
 
 class _Decline(Exception):
-    """The pickle uses something this reader does not interpret."""
+    """The pickle uses something this reader does not interpret at all (it cannot even check it)."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +95,19 @@ class _Callable:
 @dataclass(frozen=True)
 class _StorageType:
     dtype: str
+    known: bool = True  # False: a dtype lic-convert does not handle (sizes are still checked)
 
 
+class _Opaque:
+    """A value built by something the reader does not interpret: it only passes it along."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+_OPAQUE = _Opaque()
 _ORDERED_DICT = _Callable("collections.OrderedDict")
 _REBUILD_TENSOR = _Callable("torch._utils._rebuild_tensor_v2")
 _REBUILD_PARAMETER = _Callable("torch._utils._rebuild_parameter")
@@ -74,230 +116,598 @@ _KNOWN = {
     ("torch._utils", "_rebuild_tensor_v2"): _REBUILD_TENSOR,
     ("torch._utils", "_rebuild_parameter"): _REBUILD_PARAMETER,
 }
-_MARK = object()
+
+
+@dataclass
+class _Archive:
+    prefix: str  # "<name>/"
+    pickle: bytes
+    records: dict[str, tuple[int, int]]  # storage key -> (byte offset of its data, size), every data/ record
+    declined: str | None  # why the file is left to torch, though it can be checked
+    computed_offsets: bool = False  # whether torch's meta reading computes offsets instead of reading them
+
+
+@dataclass
+class _Reading:
+    """What interpreting a pickle found: its object and every storage and tensor it builds."""
+
+    obj: Any = None
+    tensors: list[TensorRecord] = field(default_factory=list)
+    storages: dict[str, StorageRef] = field(default_factory=dict)
+    conflicts: list[tuple[StorageRef, StorageRef]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> where it sits in the object
+    declined: str | None = None
+
+    def decline(self, why: str) -> None:
+        if self.declined is None:
+            self.declined = why
 
 
 def read_structure(path: Path) -> tuple[Any, dict[str, tuple[int, int]]] | None:
     """(the container with :class:`TensorRecord` leaves, storage key -> (byte offset of its data, size)).
 
-    ``None`` when the file is not something this reader handles; see the module's doc.
+    ``None`` when the file is not something this reader handles (see the module's doc); raises
+    :class:`CheckpointError` when the pickle's claims do not match the archive.
     """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
-            if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
-                return None
-            prefix = pickles[0].filename[: -len("data.pkl")]
-            if not copyable_as_stored(archive):
-                return None
-            data = archive.read(pickles[0])
-            records = [i for i in infos if i.filename.startswith(prefix + "data/")]
-        obj = _interpret(data)
-        places = {info.filename[len(prefix) + len("data/"):]: (start, stop - start)
-                  for start, stop, info in record_ranges(path, records)}
-    except (_Decline, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError, EOFError):
+    path = Path(path)
+    archive = _open_archive(path)
+    if archive is None:
         return None
-    except Exception:  # anything unexpected: leave the file to torch's reader and its messages
+    reading = _read_pickle(archive.pickle)
+    if reading is None:
         return None
-    for tensor in _tensors(obj):
-        place = places.get(tensor.storage.key)
-        if place is None or not _fits(tensor, place[1]):
-            return None
-    return obj, places
+    _check(path, archive, reading)
+    if archive.declined or reading.declined:
+        return None
+    return reading.obj, archive.records
+
+
+def check_records(path: Path, loaded: Any = None) -> None:
+    """Check a torch zip that ``torch.load`` read mapped or onto the meta device, which compares no
+    storage's claimed size with its record: the checks of :func:`read_structure`, for every storage
+    and tensor the reader can interpret; a :class:`CheckpointError` for the first that fails.
+
+    ``loaded`` is what ``torch.load(map_location="meta")`` returned.  torch then does not look each
+    storage's record up: where the archive has a ``.format_version`` record it computes the offsets
+    from the claimed sizes and the layout ``torch.save`` writes, so they are checked against the
+    records, storage by storage, in the order torch reads them.
+    """
+    path = Path(path)
+    archive = _open_archive(path)
+    if archive is None:
+        return
+    reading = _read_pickle(archive.pickle)
+    if reading is None:
+        return
+    _check(path, archive, reading)
+    if loaded is not None and archive.computed_offsets:
+        _check_computed_offsets(path, archive, reading, loaded)
+
+
+def check_mapped_tensor(path: Path, key: str, record_start: int, storage_nbytes: int, offset: int,
+                        shape: tuple[int, ...], stride: tuple[int, ...], itemsize: int) -> None:
+    """Check one tensor torch read onto the meta device against the record its storage starts in.
+
+    ``record_start`` is torch's ``_checkpoint_offset`` of the storage; torch grows a meta storage to
+    fit any tensor set on it, so the storage's size must equal its record's and the tensor fit in it.
+    """
+    path = Path(path)
+    found = _records_by_start(str(path), *_identity(path)).get(record_start)
+    if found is None:
+        raise _refusal(path, f"tensor {key!r} is read from byte {record_start}, where no storage record starts")
+    name, size = found
+    if storage_nbytes != size:
+        raise _refusal(path, f"tensor {key!r} says its storage {name!r} holds {storage_nbytes} bytes, "
+                             f"but the record holds {size}")
+    problem = _tensor_problem(offset, shape, stride, itemsize, size, name)
+    if problem:
+        raise _refusal(path, f"tensor {key!r} {problem}")
 
 
 def copyable_as_stored(archive: zipfile.ZipFile) -> bool:
     """Whether tensor bytes can be taken from the file as they are: every record stored uncompressed,
-    in this machine's byte order (torch's ``byteorder`` record; archives from before it existed were
-    written little-endian in practice)."""
+    in this machine's byte order (torch's ``byteorder`` record, exactly as torch writes it; archives
+    from before it existed were written little-endian in practice)."""
     infos = archive.infolist()
     if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
         return False
     order = next((i for i in infos if i.filename.endswith("/byteorder")), None)
-    return order is None or archive.read(order).decode(errors="replace").strip() == sys.byteorder
+    return order is None or archive.read(order) == sys.byteorder.encode()
 
 
-def _fits(tensor: TensorRecord, record_bytes: int) -> bool:
-    itemsize = dtypes.get(tensor.dtype).itemsize
-    if record_bytes != tensor.storage.numel * itemsize:
-        return False
-    if any(n == 0 for n in tensor.shape):
-        return True
-    last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride))
-    return last < tensor.storage.numel
+# --------------------------------------------------------------------------- the archive
 
 
-def _tensors(obj: Any):
-    if isinstance(obj, TensorRecord):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
+def _open_archive(path: Path) -> _Archive | None:
+    """The archive's pickle and records; None where the reader cannot look into it (torch decides)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            _refuse_duplicates(path, infos)
+            # torch's reader takes the folder of the first record as the archive's name
+            if not infos or "/" not in infos[0].filename:
+                return None
+            prefix = infos[0].filename.split("/", 1)[0] + "/"
+            names = {info.filename: info for info in infos}
+            pickle_info = names.get(prefix + "data.pkl")
+            if pickle_info is None or pickle_info.file_size > MAX_PICKLE_BYTES:
+                return None
+            if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
+                return None  # torch reads such a file into memory, checking each record's size itself
+            if _shifted(archive):
+                return None  # bytes before the archive: offsets in the directory are not the file's
+            try:  # every record's local header, before any record is read (CheckpointError: a broken archive)
+                ranges = record_ranges(path, infos)
+            except (OSError, ValueError):
+                return None
+            _refuse_overlaps(path, infos, ranges, archive.start_dir)
+            declined = _unusual_records(archive, prefix, names)
+            # torch.load(map_location="meta") computes offsets when this holds (torch/serialization.py)
+            version_info = names.get(prefix + ".format_version")
+            computed = version_info is not None and archive.read(version_info) >= b"1"
+            data = archive.read(pickle_info)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError):
+        return None
+    start = prefix + "data/"
+    records = {info.filename[len(start):]: (lo, hi - lo) for lo, hi, info in ranges if info.filename.startswith(start)}
+    return _Archive(prefix, data, records, declined, computed)
 
 
-def _int_tuple(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, tuple) or not all(type(v) is int and v >= 0 for v in value):
-        raise _Decline("sizes and strides must be tuples of non-negative integers")
-    return value
+def _refuse_duplicates(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    # torch's zip reader looks names up ignoring case: two such names would leave it the choice
+    seen: dict[str, str] = {}
+    for info in infos:
+        folded = info.filename.lower()
+        if folded in seen:
+            twice = (f"the record {info.filename!r} twice" if seen[folded] == info.filename
+                     else f"the records {seen[folded]!r} and {info.filename!r}, which torch's reader does not tell apart")
+            raise _refusal(path, f"the zip archive lists {twice}")
+        seen[folded] = info.filename
 
 
-def _call(function: Any, args: Any) -> Any:
-    if not isinstance(args, tuple):
-        raise _Decline("call arguments are not a tuple")
-    if function is _ORDERED_DICT and args == ():
-        return OrderedDict()
-    if function is _REBUILD_TENSOR and len(args) in (6, 7):
+def _refuse_overlaps(path: Path, infos, ranges, end_of_records: int) -> None:
+    stops = {id(info): stop for _, stop, info in ranges}
+    spans = sorted((info.header_offset, stops[id(info)], info.filename) for info in infos)
+    for (_, stop, name), (start, _, following) in zip(spans, spans[1:]):
+        if stop > start:
+            raise _refusal(path, f"the zip records {name!r} and {following!r} overlap")
+    if spans and spans[-1][1] > end_of_records:
+        raise _refusal(path, f"the zip record {spans[-1][2]!r} runs into the archive's directory")
+
+
+def _shifted(archive: zipfile.ZipFile) -> bool:
+    """Whether the archive sits behind other bytes (Python's zipfile allows that, torch's reader does not)."""
+    first = min((info.header_offset for info in archive.infolist()), default=0)
+    return first != 0
+
+
+def _unusual_records(archive: zipfile.ZipFile, prefix: str, names: dict[str, zipfile.ZipInfo]) -> str | None:
+    """Why torch might read this archive differently from ``torch.save``'s files (None: it would not)."""
+    order = names.get(prefix + "byteorder")
+    if order is not None and archive.read(order) != sys.byteorder.encode():
+        return "another byte order"
+    version = names.get(prefix + ".data/version") or names.get(prefix + "version")
+    if version is None:
+        return "no version record"
+    text = archive.read(version)
+    if not (text.rstrip(b"\n").isdigit() and text.count(b"\n") <= 1 and int(text) in READ_VERSIONS):
+        return f"archive version {text[:16]!r}"
+    for extra in (".format_version", ".storage_alignment"):
+        info = names.get(prefix + extra)
+        if info is not None:
+            try:
+                int(archive.read(info))
+            except ValueError:
+                return f"record {extra} is not a number"
+    return None
+
+
+def _check_computed_offsets(path: Path, archive: _Archive, reading: _Reading, loaded: Any) -> None:
+    """Each storage torch read onto the meta device starts where its own record starts.
+
+    torch reads storages in the order the pickle first refers to them and computes each offset from
+    the previous one, so its offsets, in increasing order, belong to those storages in that order.
+    """
+    expected = [(key, archive.records[key][0]) for key, ref in reading.storages.items()
+                if ref.numel * _itemsize(ref.dtype) > 0]
+    got = sorted(_meta_offsets(loaded))
+    for i, (key, start) in enumerate(expected):
+        place = got[i] if i < len(got) else None
+        if place != start:
+            where = f"from byte {place}" if place is not None else "from nowhere"
+            raise _refusal(path, f"the record of storage 'data/{key}' starts at byte {start}, but torch's reading "
+                                 f"takes it {where} (the archive is not laid out the way torch.save writes it)")
+    if len(got) > len(expected):
+        raise _refusal(path, f"torch's reading takes a storage from byte {got[len(expected)]}, "
+                             "which is no storage of the pickle")
+
+
+def _meta_offsets(loaded: Any) -> set[int]:
+    """The offsets torch recorded for the (non-empty) storages of the tensors in ``loaded``."""
+    offsets: set[int] = set()
+    seen: set[int] = set()
+    todo = [loaded]
+    while todo:
+        value = todo.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if hasattr(value, "untyped_storage"):  # a tensor
+            storage = value.untyped_storage()
+        else:  # a storage pickled by itself (a TypedStorage), or something else
+            storage = getattr(value, "_untyped_storage", None)
+        if storage is not None:
+            offset = getattr(storage, "_checkpoint_offset", None)
+            if offset is not None and storage.nbytes() > 0:
+                offsets.add(int(offset))
+        elif isinstance(value, dict):
+            todo.extend(value.keys())
+            todo.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            todo.extend(value)
+    return offsets
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _records_by_start(path: str, *identity) -> dict[int, tuple[str, int]]:
+    """Data offset -> (record name, size) of every ``data/`` record of a torch zip (cached per file state)."""
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    prefix = infos[0].filename.split("/", 1)[0] + "/" if infos else ""
+    return {lo: (info.filename[len(prefix):], hi - lo) for lo, hi, info in record_ranges(Path(path), infos)
+            if info.filename.startswith(prefix + "data/")}
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def _refusal(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: refused: {what}; the file is damaged or was altered")
+
+
+def _itemsize(dtype: str) -> int:
+    return dtypes.BY_NAME[dtype].itemsize if dtype in dtypes.BY_NAME else _OTHER_ITEMSIZE[dtype]
+
+
+def _check(path: Path, archive: _Archive, reading: _Reading) -> None:
+    """Every storage and tensor the pickle builds against the records; raise on the first mismatch."""
+
+    def label(tensor: TensorRecord) -> str:
+        name = reading.names.get(id(tensor))
+        return f"tensor {name!r}" if name is not None else f"a tensor on storage 'data/{tensor.storage.key}'"
+
+    users: dict[str, list[TensorRecord]] = {}
+    for tensor in reading.tensors:
+        users.setdefault(tensor.storage.key, []).append(tensor)
+    for first, other in reading.conflicts:
+        who = [label(t) for t in users.get(first.key, []) if t.storage in (first, other)]
+        uses = f" (used by {', '.join(dict.fromkeys(who))})" if who else ""
+        raise _refusal(path, f"storage 'data/{first.key}' is described two ways, as {first.numel} {first.dtype} "
+                             f"elements and as {other.numel} {other.dtype} elements{uses}")
+    checked: set[StorageRef] = set()
+    for tensor in reading.tensors:
+        _check_storage(path, archive, tensor.storage, label(tensor), checked)
+        size = archive.records[tensor.storage.key][1]
+        problem = _tensor_problem(tensor.offset, tensor.shape, tensor.stride, _itemsize(tensor.dtype), size,
+                                  f"data/{tensor.storage.key}")
+        if problem:
+            raise _refusal(path, f"{label(tensor)} {problem}")
+    for storage in reading.storages.values():
+        _check_storage(path, archive, storage, "the pickle", checked)  # storages no tensor uses
+
+
+def _check_storage(path: Path, archive: _Archive, storage: StorageRef, who: str, checked: set) -> None:
+    if storage in checked:
+        return
+    record = archive.records.get(storage.key)
+    if record is None:
+        raise _refusal(path, f"{who} uses storage {storage.key!r}, but the archive has no record 'data/{storage.key}'")
+    claimed = storage.numel * _itemsize(storage.dtype)
+    if storage.numel < 0 or claimed != record[1]:
+        raise _refusal(path, f"{who} says its storage 'data/{storage.key}' holds {storage.numel} {storage.dtype} "
+                             f"elements ({claimed} bytes), but the record holds {record[1]}")
+    checked.add(storage)
+
+
+def _tensor_problem(offset: int, shape: tuple[int, ...], stride: tuple[int, ...], itemsize: int,
+                    record_bytes: int, record: str) -> str | None:
+    """What is wrong with a tensor of ``record`` (None: nothing); torch refuses all of it or more."""
+    if offset < 0 or any(n < 0 for n in shape) or any(s < 0 for s in stride):
+        return f"has a negative storage offset, size or stride (offset {offset}, shape {shape}, strides {stride})"
+    if len(shape) != len(stride):
+        return f"has {len(shape)} sizes but {len(stride)} strides"
+    numel = math.prod(shape)
+    if max((offset, *shape, *stride, numel)) * itemsize > _INT64_MAX:
+        return (f"claims a shape {shape}, strides {stride} or offset {offset} too large for 64-bit byte counts "
+                f"({numel} elements)")
+    if numel == 0:
+        if offset * itemsize > record_bytes:
+            return f"starts at byte {offset * itemsize} of its storage record {record!r}, which holds {record_bytes}"
+        return None
+    end = (offset + sum((n - 1) * s for n, s in zip(shape, stride)) + 1) * itemsize
+    if end <= record_bytes:
+        return None
+    if offset == 0:
+        return f"claims {end} bytes but its storage record {record!r} holds {record_bytes}"
+    return f"claims bytes {offset * itemsize} to {end} of its storage record {record!r}, which holds {record_bytes}"
+
+
+# --------------------------------------------------------------------------- the pickle
+
+
+def _read_pickle(data: bytes) -> _Reading | None:
+    """Interpret the pickle; None where it uses something the reader cannot follow at all."""
+    try:
+        reading = _interpret(data)
+        _name_tensors(reading)
+    except (_Decline, ValueError, KeyError, IndexError, TypeError, EOFError, RecursionError, OverflowError):
+        return None  # opcodes torch's safe unpickler reads differently or refuses, stack errors: torch decides
+    except Exception:  # anything unexpected: leave the file to torch's reader and its messages
+        return None
+    return reading
+
+
+def _name_tensors(reading: _Reading) -> None:
+    """Name each tensor by where it sits (``a/b/c``; a state dict's own keys bare); decline cycles.
+
+    Iterative, and each container is entered once, so deep or widely shared pickles cost linear time.
+    """
+    from . import checkpoint  # imported here: checkpoint imports this module
+
+    entries = getattr(checkpoint, "STATE_DICT_ENTRIES", ())  # only shortens names: never a reason to fail
+
+    entered: set[int] = set()
+    open_now: set[int] = set()
+    todo: list[tuple[Any, tuple]] = [(reading.obj, ())]
+    while todo:
+        value, where = todo.pop()
+        if value is _LEAVE:
+            open_now.discard(where)
+        elif isinstance(value, TensorRecord):
+            if id(value) not in reading.names:
+                shown = where[1:] if len(where) > 1 and where[0] in entries else where
+                reading.names[id(value)] = "/".join(map(str, shown))
+        elif isinstance(value, (dict, list, tuple)):
+            if id(value) in open_now:
+                reading.decline("a container that holds itself")
+            elif id(value) not in entered:
+                entered.add(id(value))
+                open_now.add(id(value))
+                todo.append((_LEAVE, id(value)))
+                items = list(value.items() if isinstance(value, dict) else enumerate(value))
+                todo.extend((item, where + (key,)) for key, item in reversed(items))
+
+
+_LEAVE = object()  # marks, in :func:`_name_tensors`' work list, the end of a container
+
+
+def _global(module: Any, name: Any, reading: _Reading) -> Any:
+    if (module, name) in _KNOWN:
+        return _KNOWN[(module, name)]
+    if module == "torch" and name in dtypes.BY_STORAGE:
+        return _StorageType(dtypes.BY_STORAGE[name].name)
+    if module == "torch" and name in _OTHER_STORAGES:
+        reading.decline(f"storage type {name}")
+        return _StorageType(_OTHER_STORAGES[name][0], known=False)
+    if (module, name) == ("torch.storage", "UntypedStorage"):  # torch reads it as bytes
+        reading.decline("untyped storage")
+        return _StorageType("uint8", known=False)
+    reading.decline(f"global {module}.{name}")
+    return _OPAQUE
+
+
+def _int_tuple(value: Any) -> bool:
+    return type(value) is tuple and all(type(v) is int for v in value)
+
+
+def _empty_hooks(value: Any) -> bool:
+    return type(value) is OrderedDict and not value
+
+
+def _floating(dtype: str) -> bool:
+    return dtype in dtypes.BY_NAME and dtypes.BY_NAME[dtype].floating
+
+
+def _call(function: Any, args: Any, reading: _Reading) -> Any:
+    if function is _OPAQUE:
+        return _OPAQUE
+    if isinstance(function, _StorageType):  # torch builds a storage in memory: nothing in the file
+        reading.decline("a storage built by the pickle")
+        return _OPAQUE
+    if not isinstance(function, _Callable):
+        raise _Decline("REDUCE on something that is not a function")  # torch refuses it
+    if type(args) is list:  # torch calls function(*args) on any sequence
+        reading.decline("call arguments in a list")
+        args = tuple(args)
+    if type(args) is not tuple:
+        reading.decline("call arguments are not a tuple")
+        return _OPAQUE
+    if function is _ORDERED_DICT:
+        if args == ():
+            return OrderedDict()
+        reading.decline("OrderedDict with arguments")
+        return _OPAQUE
+    if function is _REBUILD_TENSOR:
+        if len(args) not in (6, 7) or not isinstance(args[0], StorageRef):
+            reading.decline("unexpected tensor arguments")
+            return _OPAQUE
         storage, offset, shape, stride = args[:4]
-        if not isinstance(storage, StorageRef) or type(offset) is not int or offset < 0:
-            raise _Decline("unexpected tensor arguments")
-        shape, stride = _int_tuple(shape), _int_tuple(stride)
-        if len(shape) != len(stride) or args[4] not in (True, False):
-            raise _Decline("unexpected tensor arguments")
-        if not (isinstance(args[5], OrderedDict) and not args[5]):  # backward hooks: must be none
-            raise _Decline("tensor with backward hooks")
-        if len(args) == 7 and args[6] not in ({}, None):  # tensor metadata (e.g. subclasses)
-            raise _Decline("tensor with metadata")
-        return TensorRecord(storage, offset, shape, stride)
-    if function is _REBUILD_PARAMETER and len(args) == 3 and isinstance(args[0], TensorRecord):
-        if not (isinstance(args[2], OrderedDict) and not args[2]):
-            raise _Decline("parameter with backward hooks")
+        if type(offset) is not int or not _int_tuple(shape) or not _int_tuple(stride):
+            reading.decline("tensor offset, sizes or strides that are not integers")
+            return _OPAQUE
+        tensor = TensorRecord(storage, offset, shape, stride)
+        reading.tensors.append(tensor)
+        requires_grad = args[4]
+        if type(requires_grad) is not bool or (requires_grad and not _floating(tensor.dtype)):
+            reading.decline("requires_grad that torch may refuse")
+        if not _empty_hooks(args[5]):
+            reading.decline("tensor with backward hooks")
+        if len(args) == 7 and not (args[6] is None or (type(args[6]) in (dict, OrderedDict) and not args[6])):
+            reading.decline("tensor with metadata")  # e.g. conjugate or negative bits, subclasses
+        return tensor
+    if function is _REBUILD_PARAMETER:
+        if len(args) != 3 or not isinstance(args[0], TensorRecord):
+            reading.decline("unexpected parameter arguments")
+            return _OPAQUE
+        if type(args[1]) is not bool or (args[1] and not _floating(args[0].dtype)):
+            reading.decline("requires_grad that torch may refuse")
+        if not _empty_hooks(args[2]):
+            reading.decline("parameter with backward hooks")
         return args[0]
-    raise _Decline("unsupported call")
+    raise _Decline(f"unknown function {function.name}")
 
 
-def _storage(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-        raise _Decline("unsupported persistent id")
+def _storage(pid: Any, reading: _Reading) -> Any:
+    if not (type(pid) is tuple and len(pid) == 5 and pid[0] in ("storage", b"storage")):
+        raise _Decline("unsupported persistent id")  # torch refuses it
     _, kind, key, _location, numel = pid
-    if not isinstance(key, str) or type(numel) is not int or numel < 0:
-        raise _Decline("unsupported storage reference")
-    ref = storages.setdefault(key, StorageRef(key, kind.dtype, numel))
-    if ref != StorageRef(key, kind.dtype, numel):
-        raise _Decline("one storage described two ways")
+    if pid[0] != "storage" or type(key) is not str or type(numel) is not int:
+        reading.decline("unusual storage reference")
+    if type(numel) is bool:
+        numel = int(numel)
+    # torch reads the record f"data/{key}" whatever the key's type; a key it cannot format is left to it
+    if not isinstance(kind, _StorageType) or type(numel) is not int or type(key) not in (str, int, bytes):
+        reading.decline("unsupported storage reference")
+        return _OPAQUE
+    ref = StorageRef(f"{key}", kind.dtype, numel)
+    known = reading.storages.setdefault(key, ref)
+    if known != ref and (known, ref) not in reading.conflicts:
+        reading.conflicts.append((known, ref))
     return ref
 
 
-def _global(module: Any, name: Any) -> Any:
-    if (module, name) in _KNOWN:
-        return _KNOWN[(module, name)]
-    if module == "torch" and isinstance(name, str) and name in dtypes.BY_STORAGE:
-        return _StorageType(dtypes.BY_STORAGE[name].name)
-    raise _Decline(f"global {module}.{name}")
+def _plain_key(key: Any) -> bool:
+    if type(key) is tuple:
+        return all(_plain_key(k) for k in key)
+    return type(key) in (str, int, float, bool) or key is None
 
 
-def _pop_mark(stack: list) -> list:
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i] is _MARK:
-            items = stack[i + 1:]
-            del stack[i:]
-            return items
-    raise _Decline("no mark")
+def _set_items(target: Any, items: list, reading: _Reading) -> None:
+    if len(items) % 2:
+        raise _Decline("odd number of items for a dict")
+    if target is _OPAQUE:
+        return
+    if type(target) not in (dict, OrderedDict):
+        raise _Decline("items set on something that is not a dict")
+    for key, value in zip(items[::2], items[1::2]):
+        if not _plain_key(key):
+            reading.decline("unusual dict key")
+            continue
+        target[key] = value
 
 
-_CONSTANTS = {
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
-    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
-    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
-}
+def _append(target: Any, items: list) -> None:
+    if target is _OPAQUE:
+        return
+    if type(target) is not list:
+        raise _Decline("append to something that is not a list")
+    target.extend(items)
 
 
-def _interpret(data: bytes) -> Any:
-    """Run the pickle's opcodes on a stack of plain values (the subset torch's state dicts use)."""
+#: opcodes whose argument is the value itself (the ones torch's safe unpickler reads)
+_CONSTANTS = {"BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE"}
+
+
+def _interpret(data: bytes) -> _Reading:
+    """Run the pickle's opcodes the way torch's weights-only unpickler does, on plain values.
+
+    Only opcodes that unpickler accepts are followed (any other is declined: torch refuses it); the
+    stack, marks and memo behave as in that unpickler.  Values built by globals the reader does not
+    know stay opaque, and the reading is then declined, but its storages and tensors are still checked.
+    """
+    reading = _Reading()
     stack: list = []
+    metastack: list[list] = []
     memo: dict[int, Any] = {}
-    storages: dict[str, StorageRef] = {}
+
+    def pop_mark() -> list:
+        nonlocal stack
+        items = stack
+        stack = metastack.pop()
+        return items
+
     for opcode, arg, _ in pickletools.genops(data):
         op = opcode.name
-        if op in ("PROTO", "FRAME"):
+        if op == "PROTO":
             continue
         if op in _CONSTANTS:
             stack.append(arg)
+        elif op == "SHORT_BINSTRING":  # torch decodes it as UTF-8 (pickletools as Latin-1)
+            stack.append(arg.encode("latin-1").decode("utf-8"))
         elif op == "NONE":
             stack.append(None)
         elif op in ("NEWTRUE", "NEWFALSE"):
             stack.append(op == "NEWTRUE")
-        elif op == "MARK":
-            stack.append(_MARK)
-        elif op in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[arg] = stack[-1]
-        elif op == "MEMOIZE":
-            memo[len(memo)] = stack[-1]
-        elif op in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo[arg])
-        elif op == "EMPTY_DICT":
-            stack.append({})
-        elif op == "EMPTY_LIST":
-            stack.append([])
         elif op == "EMPTY_TUPLE":
             stack.append(())
-        elif op in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            n = int(op[-1])
-            items = tuple(stack[-n:])
-            del stack[-n:]
-            stack.append(items)
+        elif op == "EMPTY_LIST":
+            stack.append([])
+        elif op == "EMPTY_DICT":
+            stack.append({})
+        elif op == "EMPTY_SET":
+            reading.decline("a set")
+            stack.append(_OPAQUE)
+        elif op == "MARK":
+            metastack.append(stack)
+            stack = []
         elif op == "TUPLE":
-            stack.append(tuple(_pop_mark(stack)))
-        elif op == "LIST":
-            stack.append(_pop_mark(stack))
-        elif op == "DICT":
-            items = _pop_mark(stack)
-            stack.append(dict(zip(items[::2], items[1::2])))
+            items = pop_mark()
+            stack.append(tuple(items))
+        elif op == "TUPLE1":
+            stack[-1] = (stack[-1],)
+        elif op == "TUPLE2":
+            stack[-2:] = [(stack[-2], stack[-1])]
+        elif op == "TUPLE3":
+            stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
+        elif op in ("BINPUT", "LONG_BINPUT"):
+            memo[arg] = stack[-1]
+        elif op in ("BINGET", "LONG_BINGET"):
+            stack.append(memo[arg])
         elif op == "APPEND":
-            value = stack.pop()
-            _require(stack[-1], list).append(value)
+            item = stack.pop()
+            _append(stack[-1], [item])
         elif op == "APPENDS":
-            items = _pop_mark(stack)
-            _require(stack[-1], list).extend(items)
+            items = pop_mark()
+            _append(stack[-1], items)
         elif op == "SETITEM":
             value, key = stack.pop(), stack.pop()
-            _set(_require(stack[-1], dict), key, value)
+            _set_items(stack[-1], [key, value], reading)
         elif op == "SETITEMS":
-            items = _pop_mark(stack)
-            target = _require(stack[-1], dict)
-            for key, value in zip(items[::2], items[1::2]):
-                _set(target, key, value)
+            items = pop_mark()
+            _set_items(stack[-1], items, reading)
         elif op == "GLOBAL":
             module, _, name = str(arg).partition(" ")
-            stack.append(_global(module, name))
-        elif op == "STACK_GLOBAL":
-            name, module = stack.pop(), stack.pop()
-            stack.append(_global(module, name))
+            stack.append(_global(module, name, reading))
         elif op == "REDUCE":
-            args, function = stack.pop(), stack.pop()
-            stack.append(_call(function, args))
+            args = stack.pop()
+            stack[-1] = _call(stack[-1], args, reading)
+        elif op == "NEWOBJ":
+            stack.pop()
+            stack[-1] = _OPAQUE
+            reading.decline("NEWOBJ")
         elif op == "BINPERSID":
-            stack.append(_storage(stack.pop(), storages))
+            stack.append(_storage(stack.pop(), reading))
         elif op == "BUILD":
             state = stack.pop()
-            if not isinstance(stack[-1], OrderedDict) or not isinstance(state, (dict, tuple)):
-                raise _Decline("BUILD on something other than a state dict")
+            target = stack[-1]
+            if isinstance(target, TensorRecord) and type(state) is tuple and len(state) >= 4 \
+                    and isinstance(state[0], StorageRef) and type(state[1]) is int \
+                    and _int_tuple(state[2]) and _int_tuple(state[3]):
+                reading.tensors.append(TensorRecord(*state[:4]))  # torch sets the tensor anew: check it too
+                reading.decline("BUILD on a tensor")
+            elif not (type(target) is OrderedDict and type(state) is dict) and target is not _OPAQUE:
+                reading.decline("BUILD on something other than a state dict")
             # an OrderedDict's attributes (torch's ``_metadata``) are not part of its items: ignored
-        elif op == "POP":
-            stack.pop()
-        elif op == "POP_MARK":
-            _pop_mark(stack)
-        elif op == "DUP":
-            stack.append(stack[-1])
         elif op == "STOP":
-            if len(stack) != 1 or stack[0] is _MARK:
-                raise _Decline("stack not empty at STOP")
-            return stack[0]
+            if len(stack) != 1 or metastack:
+                reading.decline("stack not empty at STOP")
+            reading.obj = stack.pop()  # what torch returns
+            return reading
         else:
-            raise _Decline(f"opcode {op}")
+            raise _Decline(f"opcode {op}")  # torch's weights-only unpickler refuses it
     raise _Decline("no STOP")
-
-
-def _require(value: Any, kind: type) -> Any:
-    if not isinstance(value, kind) or value is _MARK:
-        raise _Decline(f"expected a {kind.__name__}")
-    return value
-
-
-def _set(target: dict, key: Any, value: Any) -> None:
-    if not isinstance(key, (str, int, float, bool, type(None), tuple)):
-        raise _Decline("unhashable or unusual dict key")
-    target[key] = value
