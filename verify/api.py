@@ -25,8 +25,8 @@ from lic_checkpoints.convert.finite import all_finite
 from . import images as images_mod
 from .builders import build_target, build_upstream, canonical_upstream_names
 from .report import ParityReport
-from .tiers import (CodedSide, Check, TierResult, Tolerances, compare_tensor, entropy_tables_check, tier0, tier1,
-                    tier2, tier3)
+from .tiers import (OUTPUT_ORDER, CodedSide, Check, TierResult, Tolerances, compare_tensor, entropy_tables_check,
+                    tier0, tier1, tier2, tier3)
 
 ALL_TIERS = ("T0", "T1", "T2", "T3")
 
@@ -261,7 +261,7 @@ def verify_checkpoint(
             for name in model_tiers:
                 report.tiers.append(TierResult(name, "", skipped=f"not run: {problem}"))
             model_tiers = []
-        else:
+        elif model_tiers:
             report.notes.append(
                 "target: the installed compressai's own class, run unmodified; the tensors its forward does not "
                 "return (y, means, scales, each slice's decoded y_hat) are observed with forward hooks on its "
@@ -277,8 +277,25 @@ def verify_checkpoint(
         if tgt_model is None:
             tgt_model = build_target(detection.family, detection.variant.target_kwargs, conv.tensors, source=target)
         timings["build"] = time.perf_counter() - t
-        _run_model_tiers(report, model_tiers, reference, tgt_model, test_images, tol, timings, say, save_outputs,
-                         detection, installed=installed_cls is not None)
+        if installed_cls is None:
+            _run_model_tiers(report, model_tiers, reference, tgt_model, test_images, tol, timings, say,
+                             save_outputs, detection)
+        else:
+            stage = ["T1: forward"]
+
+            def say_stage(message: str) -> None:
+                stage[0] = message
+                say(message)
+
+            try:
+                _run_model_tiers(report, model_tiers, reference, tgt_model, test_images, tol, timings, say_stage,
+                                 save_outputs, detection, installed=True)
+            except LicError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the installed code's own failure, reported in one line
+                text = str(error).strip().splitlines()
+                raise LicError(f"{report.target} failed in {stage[0]}: {type(error).__name__}"
+                               + (f": {text[0]}" if text else "")) from error
     for name in wanted:
         if not any(t.tier == name for t in report.tiers):
             report.tiers.append(TierResult(name, "", skipped="not run"))
@@ -420,9 +437,15 @@ def _installed_side(view, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
 
 
 def _installed_forward_rows(report, tier, view, test_images, ref_out, tgt_out, tol, detection) -> None:
-    """T1 for the installed class: rows it cannot give, and the first diverging step per image."""
+    """T1 for the installed class: the rows it cannot give, and per image the first diverging step.
+
+    The first failing row of an image is renamed to say where the divergence starts (the slice, and
+    the step of the data flow), so the report's summary line names it; when that is where master's
+    port is known to differ from the authors' code, the known cause is quoted.
+    """
     from .models.compressai.installed import known_difference
 
+    groups = view.groups if view.observable else None
     if not view.observable:
         for img in test_images:
             tier.checks.append(Check(f"{img.name}: y, means, scales", True,
@@ -432,18 +455,64 @@ def _installed_forward_rows(report, tier, view, test_images, ref_out, tgt_out, t
     for img, ref, tgt in zip(test_images, ref_out, tgt_out):
         prefix = f"{img.name}: "
         failing = next((c for c in tier.checks if c.name.startswith(prefix) and not c.passed), None)
-        if failing is None:
+        if failing is None or failing.name[len(prefix):] not in OUTPUT_ORDER:
             continue
         row = failing.name[len(prefix):]
-        step, detail = _first_divergence(ref, tgt, tol, view.groups if view.observable else None) or (row, "")
-        failing.name = f"{prefix}{row} (first divergence: {step})" if step != row else f"{prefix}{row} (first divergence)"
-        cause = ""
-        if known is not None and known.step == step and known.row == row:
-            cause = f"; a known difference of the installed class from the authors' code: {known.cause}"
-        failing.detail = f"{detail}{cause}; this row: {failing.detail}" if detail else f"{failing.detail}{cause}"
+        first = _first_divergence(ref, tgt, tol, groups)
+        step, detail = first if first is not None else (row, "")
+        where = _first_slice(ref, tgt, row, tol, groups)
+        what = f"{row} of slice {where} differ" if where is not None else f"{row} differ"
+        what = what + "s" if row in ("y", "x_hat") and where is None else what
+        stage = _STAGES.get(step.split(" of ")[0], "")
+        cause = known.cause if known is not None and known.step == step and known.row == row else ""
+        failing.name = (f"{prefix}{what} (first divergence: {step}{', ' + stage if stage else ''})"
+                        + (f": {cause}" if cause else ""))
+        if detail and step != row:
+            failing.detail = f"first divergence {detail}; this row: {failing.detail}"
         failing.values["first_divergence"] = step
+        if where is not None:
+            failing.values["first_slice"] = where
         report.notes.append(f"{img.name}: the first tensor that differs, in data-flow order, is {step}"
-                            + (f" ({detail})" if detail else "") + cause)
+                            + (f" ({stage})" if stage else "") + (f": {detail}" if detail else "")
+                            + (f"; a known difference of the installed class from the authors' code: {cause}"
+                               if cause else ""))
+
+
+#: the step of the data flow that produces each compared tensor
+_STAGES = {
+    "y": "the analysis transform",
+    "likelihoods_z": "the hyper-analysis or the entropy bottleneck",
+    "means": "the slice's entropy parameters",
+    "scales": "the slice's entropy parameters",
+    "likelihoods_y": "the slice's Gaussian conditional",
+    "y_hat": "the slice's rounding and latent residual prediction",
+    "x_hat": "the synthesis transform",
+}
+
+
+def _slices(ref: dict[str, Any], tgt: dict[str, Any], name: str, groups: list[int]):
+    """Reference and target ``name`` (a per-slice tensor), slice by slice; None if either lacks it."""
+    from .tiers import flatten_outputs
+
+    if name == "y_hat":
+        ref_hat = ref.get("latents", {}).get("y_hat")
+        if ref_hat is None or "slices" not in tgt:
+            return None
+        return ref_hat.split(groups, dim=1), tgt["slices"]["y_hat"]
+    rf, tf = flatten_outputs(ref), flatten_outputs(tgt)
+    if name not in rf or name not in tf:
+        return None
+    return rf[name].split(groups, dim=1), tf[name].split(groups, dim=1)
+
+
+def _first_slice(ref, tgt, row: str, tol: Tolerances, groups: list[int] | None) -> int | None:
+    """The first slice in which the per-slice row ``row`` differs beyond tolerance (None: not per slice)."""
+    if groups is None or row not in ("means", "scales", "likelihoods_y"):
+        return None
+    pairs = _slices(ref, tgt, row, groups)
+    if pairs is None:
+        return None
+    return next((k for k, (a, b) in enumerate(zip(*pairs)) if not compare_tensor(row, a, b, tol).passed), None)
 
 
 def _first_divergence(ref: dict[str, Any], tgt: dict[str, Any], tol: Tolerances,
@@ -451,7 +520,7 @@ def _first_divergence(ref: dict[str, Any], tgt: dict[str, Any], tol: Tolerances,
     """The first tensor, in data-flow order and slice by slice, that differs beyond tolerance.
 
     Order: ``y``, ``likelihoods_z``, then for each slice its ``means``, ``scales``, ``likelihoods_y``
-    and decoded ``y_hat`` (which the next slice is predicted from), then ``x_hat``.
+    and decoded ``y_hat`` (which the next slices are predicted from), then ``x_hat``.
     """
     from .tiers import flatten_outputs
 
@@ -461,15 +530,11 @@ def _first_divergence(ref: dict[str, Any], tgt: dict[str, Any], tol: Tolerances,
         if name in rf and name in tf:
             order.append((name, rf[name], tf[name]))
     if groups is not None:
-        split = {name: (rf[name].split(groups, dim=1), tf[name].split(groups, dim=1))
-                 for name in ("means", "scales", "likelihoods_y") if name in rf and name in tf}
-        ref_hat = ref.get("latents", {}).get("y_hat")
-        if ref_hat is not None and "slices" in tgt:
-            split["y_hat"] = (ref_hat.split(groups, dim=1), tgt["slices"]["y_hat"])
+        split = {name: pairs for name in ("means", "scales", "likelihoods_y", "y_hat")
+                 if (pairs := _slices(ref, tgt, name, groups)) is not None}
         for k in range(len(groups)):
-            for name in ("means", "scales", "likelihoods_y", "y_hat"):
-                if name in split:
-                    order.append((f"{name} of slice {k}", split[name][0][k], split[name][1][k]))
+            for name, (a, b) in split.items():
+                order.append((f"{name} of slice {k}", a[k], b[k]))
     order.append(("x_hat", rf["x_hat"], tf["x_hat"]))
     for label, a, b in order:
         check = compare_tensor(label.split(" of ")[0], a, b, tol)

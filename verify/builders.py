@@ -143,7 +143,50 @@ def build_target(family: str, kwargs: Mapping[str, Any], state_dict: Mapping[str
 
     cls = target_class(family, source=source)
     if source == "installed":
-        model = cls(**kwargs)
-        model.load_state_dict(dict(state_dict), strict=True)
-        return model.eval()
+        return load_installed(cls, kwargs, state_dict)
     return build_on_meta(cls, kwargs, state_dict)
+
+
+def strict_load_problem(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state_dict`` would not load strictly into ``model`` (keys and shapes), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    # an empty entropy table takes the checkpoint's shape on loading (compressai resizes it)
+    mismatched = [k for k in own if k in state_dict and own[k].numel() and own[k].shape != state_dict[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if mismatched:
+        k = mismatched[0]
+        problems.append(f"{len(mismatched)} of another shape (e.g. {k}: {list(state_dict[k].shape)} where the "
+                        f"class holds {list(own[k].shape)})")
+    return "; ".join(problems) or None
+
+
+def load_installed(cls: type[nn.Module], kwargs: Mapping[str, Any],
+                   state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """An installed compressai class built with ``kwargs``, loaded strictly through its own
+    ``load_state_dict`` (the way a CompressAI user loads it); a one-line :class:`LicError` if the
+    keys or shapes do not match."""
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        model = cls(**kwargs)
+    except Exception as error:  # noqa: BLE001 - any constructor failure is reported the same way
+        raise LicError(f"{name}({_kwargs_text(kwargs)}) cannot be built: {type(error).__name__}: "
+                       f"{str(error).splitlines()[0] if str(error) else ''}") from error
+    problem = strict_load_problem(model, state_dict)
+    if problem is None:
+        try:
+            model.load_state_dict(dict(state_dict), strict=True)
+        except RuntimeError as error:
+            problem = " ".join(str(error).split())
+    if problem is not None:
+        raise LicError(f"the converted weights do not load strictly into {name}({_kwargs_text(kwargs)}): {problem}")
+    return model.eval()
+
+
+def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

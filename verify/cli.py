@@ -41,7 +41,8 @@ def _tiers(value: str) -> list[str]:
                    "x [B,3,H,W] in [0,1]. Default: a built-in deterministic set.")
 @click.option("--tiers", "tiers", default="T0,T1,T2,T3", show_default=True, help="Tiers to run.")
 @click.option("--target", type=click.Choice(["ours", "installed"]), default="ours", show_default=True,
-              help="Target side: our CompressAI-layout classes, or the installed compressai's own.")
+              help="Target side: our CompressAI-layout classes, or the installed compressai's own (CompressAI "
+                   "master: pip install compressai-temp, or PYTHONPATH=$(python tools/install_master.py)).")
 @click.option("--forward-rtol", type=float, default=1e-4, show_default=True, help="T1 rtol (x_hat, y, means, scales).")
 @click.option("--forward-atol", type=float, default=1e-4, show_default=True, help="T1 atol (x_hat, y, means, scales).")
 @click.option("--likelihood-rtol", type=float, default=1e-5, show_default=True, help="T1 rtol of likelihoods.")

@@ -1,7 +1,8 @@
 """Load a ``lic-convert`` output into its CompressAI-layout model, the way a user would.
 
 ``config.json`` names the family and the constructor kwargs; the class is ours by default, or the
-installed compressai's own (``source="installed"``) when it ships one.
+installed compressai's own (``source="installed"``, e.g. CompressAI master) when it ships one: then
+the weights go through that class's own ``load_state_dict`` (strict), and a mismatch is one line.
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ def load_converted(folder: str | Path, *, source: str = "ours", update: bool = T
 
     config = read_config(folder)
     cls = target_class(config["family"], source=source)
-    model = cls(**config["target"]["kwargs"])
-    model.load_state_dict(load_file(str(Path(folder) / MODEL_FILE)), strict=True)
+    weights = load_file(str(Path(folder) / MODEL_FILE))
+    if source == "installed":  # the installed compressai's own class and its own load_state_dict
+        from .builders import load_installed
+
+        model = load_installed(cls, config["target"]["kwargs"], weights)
+    else:
+        model = cls(**config["target"]["kwargs"])
+        model.load_state_dict(weights, strict=True)
     if update:
         model.update(force=True)
     return model.eval()
