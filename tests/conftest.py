@@ -5,11 +5,13 @@ Nothing here names a model family: the configurations come from ``registry.confi
 (one per shipped layout), and ``tests/test_registry.py`` checks that each of them has its data in
 ``tests/data`` (see ``tests/data/README.md``).
 
-Disk: full-size checkpoints are large (up to about 0.5 GB each), so they are written once per
-session by the ``checkpoints`` fixture and shared, with at most ``CheckpointStore.budget`` bytes of
-them on disk at a time; every test's ``tmp_path`` is emptied when the test ends (files above a few
-MB are removed even when it failed), and whatever large file a module left in pytest's basetemp is
-removed when the session ends.
+Disk (a test run must fit a CI runner: at most 2 GB of temporary files at any moment): full-size
+checkpoints are large (up to about 0.5 GB each), so the ``checkpoints`` fixture writes each one on
+first use and shares it with the rest of the module, keeps at most ``CheckpointStore.budget`` bytes
+of them on disk, and removes them when the module is done (the synthesized state dicts stay cached
+in memory, two at a time, so writing one again is quick). Every test's ``tmp_path`` is emptied when
+the test ends (after a failure only its large files go), and whatever large file a module left in
+pytest's basetemp is removed when the session ends.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def meta_state_dict(rows: list) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- rebuilt checkpoints
 
 
-@lru_cache(maxsize=None)  # about 1.7 GB of memory for the five configurations; rebuilt in seconds each
+@lru_cache(maxsize=2)  # up to about 1 GB of memory; rebuilt in a few seconds
 def _upstream_state_dict_cached(name: str):
     manifest, constants = fixture_manifest(name)
     return synth.state_dict_from_manifest(manifest, constants)
@@ -180,10 +182,10 @@ def _size(path: Path) -> int:
 class CheckpointStore:
     """Upstream-format checkpoints rebuilt from the golden fixtures, written once and shared.
 
-    ``path(name)`` writes ``<folder>/<name>/checkpoint_best.pth.tar`` (the upstream training script's
-    name) on first use. To bound the disk space, at
-    most ``budget`` bytes of checkpoints stay on disk: before writing another one the least
-    recently used ones are removed (and written again if asked for later).
+    ``path(name)`` writes ``<folder>/<name>/checkpoint_best.pth.tar`` (the upstream training
+    script's file name) on first use. To bound the disk space, at most ``budget`` bytes of
+    checkpoints stay on disk: before writing another one the least recently used ones are removed
+    (and written again if asked for later).
     """
 
     def __init__(self, folder: Path, budget: int) -> None:
@@ -215,11 +217,18 @@ class CheckpointStore:
 def checkpoints(tmp_path_factory):
     """The session's :class:`CheckpointStore`: ``checkpoints.path(name)`` is a shared checkpoint file.
 
-    Tests must not modify these files; they are removed at the end of the session.
+    Tests must not modify these files; they are removed when each module is done.
     """
     store = CheckpointStore(tmp_path_factory.mktemp("checkpoints"), budget=600 * 2**20)
     yield store
     store.clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _checkpoints_last_one_module(checkpoints):
+    """The shared checkpoints serve one module at a time: removed when a module is done."""
+    yield
+    checkpoints.clear()
 
 
 def remove_tree(path: Path) -> None:

@@ -81,6 +81,11 @@ def _resolved_kwargs(model) -> dict:
     return method() if callable(method) else model.config()
 
 
+def _fingerprint(model) -> list[tuple[str, float]]:
+    """Every state-dict entry's name and sum (in float64): enough to notice a tensor replaced or changed."""
+    return [(k, float(v.double().sum())) for k, v in model.state_dict().items()]
+
+
 def _display(name: str) -> str:
     """A family display name as a pattern that ignores spacing (``A + B`` matches ``A+B``)."""
     return r"\s*".join(re.escape(part) for part in name.split())
@@ -109,7 +114,7 @@ class Subject:
 
     @property
     def checkpoint(self) -> Path:
-        """The golden upstream checkpoint file (shared with other modules; do not modify)."""
+        """The golden upstream checkpoint file (shared by the module's tests; do not modify)."""
         return self._checkpoints.path(self.name)
 
     @cached_property
@@ -134,9 +139,10 @@ class Subject:
     def result(self) -> api.ConversionResult:
         return api.convert_checkpoint(self.checkpoint, self.work / "converted")
 
-    @cached_property
-    def converted_file(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.out_dir / api.MODEL_FILE))
+    def converted_file(self, keys=None) -> dict[str, torch.Tensor]:
+        """Tensors of the written ``model.safetensors`` (``keys``, or all), read on each call."""
+        with safe_open(str(self.out_dir / api.MODEL_FILE), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in (fh.keys() if keys is None else keys)}
 
     @cached_property
     def in_memory(self):
@@ -154,14 +160,24 @@ class Subject:
     # ------------------------------------------------------------- our CompressAI-layout model
 
     @cached_property
-    def fresh_target(self) -> torch.nn.Module:
-        """Our CompressAI-layout class, freshly built with the recorded kwargs (nothing loaded)."""
-        return self.target_cls(**self.result.config["target"]["kwargs"]).eval()
+    def fresh_target(self) -> dict:
+        """Facts about our CompressAI-layout class freshly built with the recorded kwargs (nothing
+        loaded): its layout, parameter and buffer names, buffer values and resolved kwargs."""
+        model = self.target_cls(**self.result.config["target"]["kwargs"]).eval()
+        state = model.state_dict()
+        params = [k for k, _ in model.named_parameters()]
+        return {
+            "layout": _layout(state),
+            "params": params,
+            "buffers": [k for k, _ in model.named_buffers()],
+            "buffer_values": {k: v.clone() for k, v in state.items() if k not in set(params)},
+            "resolved": _resolved_kwargs(model),
+            "support_slices": model.latent_codec.y.support_slices,
+        }
 
     @cached_property
     def target(self) -> torch.nn.Module:
         """The converted folder loaded the way a user does: recorded kwargs, strict load, update()."""
-        torch.set_num_threads(2)  # the golden data was made with 2 threads
         return load_converted(self.out_dir)
 
     @cached_property
@@ -177,19 +193,25 @@ class Subject:
             decoded = self.target.decompress(encoded["strings"], encoded["shape"])["x_hat"]
         return encoded, decoded
 
-    @cached_property
-    def inferred(self) -> torch.nn.Module:
-        """``from_state_dict`` on the converted tensors."""
-        return self.target_cls.from_state_dict(self.converted).eval()
-
     # ------------------------------------------------------------- our re-implementation of upstream
 
     @cached_property
-    def fresh_reference(self) -> dict[str, torch.Tensor]:
-        """The state dict of our upstream class freshly built with the recorded kwargs."""
+    def fresh_reference(self) -> dict:
+        """Facts about our upstream class freshly built with the recorded kwargs: its layout and
+        the values of its buffers (the model itself becomes :attr:`reference`)."""
         model = self.upstream_cls(**self.conf.upstream_kwargs)
         self.reference_model = model.eval()
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        params = dict(model.named_parameters())
+        return {
+            "layout": _layout(state),
+            "params": list(params),
+            "numel": sum(p.numel() for p in params.values()),
+            "buffers": {k for k, _ in model.named_buffers()},
+            # the recipe keeps these as built: every buffer, and the bottleneck's quantiles (a parameter)
+            "constants": {k: v.detach().clone() for k, v in state.items()
+                          if k not in params or k.endswith("entropy_bottleneck.quantiles")},
+        }
 
     @cached_property
     def reference(self) -> torch.nn.Module:
@@ -204,7 +226,6 @@ class Subject:
 
     @cached_property
     def reference_outputs(self) -> dict:
-        torch.set_num_threads(2)
         model, expected = self.reference, self.expected
         with torch.no_grad():
             forward = model(self.x)
@@ -222,9 +243,12 @@ def subject(request, checkpoints, tmp_path_factory):
     # it builds the next, and the converted folder and models go when the configuration is done
     work = tmp_path_factory.mktemp(request.param.name)
     item = Subject(request.param, checkpoints, work)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the golden data was made with 2 threads
     try:
         yield item
     finally:
+        torch.set_num_threads(threads)
         item.__dict__.clear()
         remove_tree(work)
 
@@ -263,10 +287,10 @@ def test_converted_layout_equals_target_layout(subject):
 def test_synthesized_buffers_equal_target_constants(subject):
     constants = target_constants(subject.name)
     assert constants
+    written = subject.converted_file(list(constants))
     for key, value in constants.items():
-        got = subject.converted_file[key]
-        assert got.dtype == value.dtype, key
-        assert torch.equal(got, value), key
+        assert written[key].dtype == value.dtype, key
+        assert torch.equal(written[key], value), key
 
 
 def test_every_source_tensor_is_used(subject):
@@ -280,16 +304,18 @@ def test_every_source_tensor_is_used(subject):
 def test_renamed_tensors_are_bit_identical(subject):
     renamed = [s for s in subject.result.plan.steps if s.action in ("rename", "fan_out")]
     assert len(renamed) > len(subject.result.plan.steps) // 2
+    written = subject.converted_file()
     for step in renamed:
-        assert torch.equal(subject.converted_file[step.target], subject.source[step.sources[0]]), step.target
+        assert torch.equal(written[step.target], subject.source[step.sources[0]]), step.target
 
 
 def test_fanned_out_copies_are_equal_and_own_their_storage(subject):
     steps = [s for s in subject.result.plan.steps if s.action == "fan_out"]
     copies = [f"latent_codec.y.latent_codec.y{k}.gaussian_conditional.scale_bound" for k in range(subject.num_slices)]
     assert set(copies) <= {s.target for s in steps}
+    written = subject.converted_file([s.target for s in steps])
     for step in steps:
-        assert torch.equal(subject.converted_file[step.target], subject.source[step.sources[0]]), step.target
+        assert torch.equal(written[step.target], subject.source[step.sources[0]]), step.target
     # in memory each copy owns its storage (a later in-place change to one cannot reach another)
     filled = [s.target for s in steps if subject.converted[s.target].numel()]  # empty tables have no storage
     assert set(copies) <= set(filled)
@@ -348,22 +374,22 @@ def test_target_class_is_the_registry_one(subject):
 
 def test_fresh_target_model_has_the_target_layout(subject):
     target = target_manifest(subject.name)
-    model = subject.fresh_target
-    assert _layout(model.state_dict()) == [row[:3] for row in target["state_dict"]]  # keys, shapes, dtypes, order
+    fresh = subject.fresh_target
+    assert fresh["layout"] == [row[:3] for row in target["state_dict"]]  # keys, shapes, dtypes, order
     kinds = {row[0]: row[3] for row in target["state_dict"]}
-    assert sorted(k for k, _ in model.named_parameters()) == sorted(k for k, kind in kinds.items() if kind == "param")
-    buffers = [k for k, _ in model.named_buffers()]
+    assert sorted(fresh["params"]) == sorted(k for k, kind in kinds.items() if kind == "param")
+    buffers = fresh["buffers"]
     persistent = sorted(k for k in buffers if k in kinds)
     assert persistent == sorted(k for k, kind in kinds.items() if kind == "persistent-buffer")
     # buffers that never reach a state dict: ours may derive some on the fly where master keeps a copy
     non_persistent = {k for k in buffers if k not in kinds}
     assert non_persistent <= {row[0] for row in target["non_persistent_buffers"]}
-    assert _resolved_kwargs(model) == target["resolved_kwargs"]
+    assert fresh["resolved"] == target["resolved_kwargs"]
 
 
 def test_fresh_target_buffers_equal_target_constants(subject):
     constants = target_constants(subject.name)
-    state = subject.fresh_target.state_dict()
+    state = subject.fresh_target["buffer_values"]
     for key, value in constants.items():
         assert state[key].dtype == value.dtype, key
         assert torch.equal(state[key], value), key
@@ -378,7 +404,7 @@ def test_converted_file_loads_strictly_with_the_recorded_kwargs(subject):
     state = model.state_dict()
     assert list(state) == list(subject.converted)  # the target layout's order
     tables = [k for k in state if k.endswith(GAUSSIAN_TABLES)]
-    for key, value in subject.converted_file.items():
+    for key, value in subject.converted_file().items():
         if key not in tables:  # update() filled the tables
             assert torch.equal(state[key], value), key
     assert all(state[k].numel() > 0 for k in tables)
@@ -404,20 +430,20 @@ def test_recorded_and_inferred_kwargs_build_the_same_layout(subject):
 def test_from_state_dict_builds_the_same_variant(subject):
     target = target_manifest(subject.name)
     assert subject.target_cls.infer_kwargs(subject.converted) == target["from_state_dict_roundtrip"]["inferred_kwargs"]
-    inferred, model = subject.inferred, subject.fresh_target
+    inferred, fresh = subject.target_cls.from_state_dict(subject.converted).eval(), subject.fresh_target
     # master infers max_support_slices=4 for a 5-slice model: every slice still sees the same support
-    ours, ctor = _resolved_kwargs(inferred), _resolved_kwargs(model)
+    ours, ctor = _resolved_kwargs(inferred), fresh["resolved"]
     assert {k: v for k, v in ours.items() if k != "max_support_slices"} == {
         k: v for k, v in ctor.items() if k != "max_support_slices"}
-    assert inferred.latent_codec.y.support_slices == model.latent_codec.y.support_slices
+    assert inferred.latent_codec.y.support_slices == fresh["support_slices"]
     loaded = inferred.state_dict()
     assert list(loaded) == list(subject.converted)
     assert [k for k, v in subject.converted.items() if not torch.equal(loaded[k], v)] == []
 
 
 def test_other_layouts_are_refused_in_one_line(subject):
-    model, cls = subject.fresh_target, subject.target_cls
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, cls = subject.target, subject.target_cls
+    before = _fingerprint(model)
     for other in CONFIGURATIONS:
         if other.name == subject.name:
             continue
@@ -434,10 +460,9 @@ def test_other_layouts_are_refused_in_one_line(subject):
             assert "looks like" not in message, message  # the right family, another configuration
         if registry.import_class(other.family.target["ours"]) is not cls:
             with pytest.raises(IncompatibleStateDictError,
-                               match=rf"holds {_display(other.family.name)}, not a CompressAI-layout"):
+                               match=rf"holds {_display(other.family.name)}, not a CompressAI-layout {cls.__name__}"):
                 cls.from_state_dict(foreign)
-    after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())  # refused before anything was copied
+    assert _fingerprint(model) == before  # refused before anything was copied
 
 
 def test_unconverted_upstream_state_dict_is_refused(subject):
@@ -522,21 +547,19 @@ def test_target_strings_and_round_trip(subject):
 
 def test_reference_layout_matches_the_upstream_manifest(subject):
     manifest, _ = fixture_manifest(subject.name)
-    assert _layout(subject.fresh_reference) == [row[:3] for row in manifest["state_dict"]]
-    model = subject.reference_model
-    params = dict(model.named_parameters())
+    fresh = subject.fresh_reference
+    assert fresh["layout"] == [row[:3] for row in manifest["state_dict"]]
     param_rows = [row for row in manifest["state_dict"] if row[3] == "param"]
-    assert list(params) == [row[0] for row in param_rows]
-    assert len(params) == manifest["num_params"]
-    assert sum(p.numel() for p in params.values()) == sum(torch.Size(row[1]).numel() for row in param_rows)
-    buffers = {k for k, _ in model.named_buffers()}
-    assert buffers == {row[0] for row in manifest["state_dict"] if row[3] == "buffer"}
-    assert len(buffers) == manifest["num_buffers"]
+    assert fresh["params"] == [row[0] for row in param_rows]
+    assert len(fresh["params"]) == manifest["num_params"]
+    assert fresh["numel"] == sum(torch.Size(row[1]).numel() for row in param_rows)
+    assert fresh["buffers"] == {row[0] for row in manifest["state_dict"] if row[3] == "buffer"}
+    assert len(fresh["buffers"]) == manifest["num_buffers"]
 
 
 def test_reference_constants_equal_fixture_constants(subject):
     manifest, constants = fixture_manifest(subject.name)
-    fresh = subject.fresh_reference
+    fresh = subject.fresh_reference["constants"]
     assert sorted(constants) == sorted(manifest["constants_keys"])
     for key, value in constants.items():
         assert fresh[key].dtype == value.dtype and fresh[key].shape == value.shape, key
@@ -636,13 +659,11 @@ def test_reference_refuses_unsupported_input_sizes(subject, size):
 
 def test_lic_verify_passes_every_tier(subject, tmp_path):
     """lic-verify on the golden input: every tier passes, and both sides reproduce the golden data."""
-    torch.set_num_threads(2)
     result = CliRunner().invoke(verify_main, [str(a) for a in (
         subject.checkpoint, subject.out_dir, "--images", fixture_dir(subject.name) / "input.safetensors",
-        "--save-outputs", tmp_path / "outputs", "--json", tmp_path / "report.json",
-        "--markdown", tmp_path / "report.md")])
+        "--save-outputs", tmp_path / "outputs")])
     assert result.exit_code == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((subject.out_dir / "parity_report.json").read_text())  # written into the folder
     jsonschema.validate(report, schema())
     assert report["passed"] is True
     assert report["family"] == subject.family.family and report["variant"] == subject.conf.variant.name
@@ -657,5 +678,5 @@ def test_lic_verify_passes_every_tier(subject, tmp_path):
     for side in report["eval_model"].values():  # T3 in CompressAI's eval_model schema
         assert side["description"] == "Inference (ans)"
         assert set(side["results"]) >= {"psnr-rgb", "ms-ssim-rgb", "bpp"}
-    markdown = (tmp_path / "report.md").read_text()
+    markdown = (subject.out_dir / "parity_report.md").read_text()
     assert "| Tier | Check | Result | Details |" in markdown and "|---|---|---|---|" in markdown
