@@ -91,35 +91,31 @@ def _fixture_input(conf: registry.Configuration) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(master_dir, tmp_path_factory):
-    """Every configuration's golden checkpoint (the fixture weights), converted with lic-convert.
-
-    The upstream files are kept only for the configurations ``lic-verify`` runs on.
-    """
+    """The checkpoints ``lic-verify`` runs on (one faithful, one divergent configuration): the upstream
+    file (the fixture weights) and its lic-convert folder, kept for the module."""
     from lic_checkpoints.convert import api, demo
 
     root = tmp_path_factory.mktemp("master")
-    keep = {c.name for c in FAITHFUL[:1] + DIVERGENT[:1]}
     out = {}
-    for conf in registry.configurations():
+    for conf in FAITHFUL[:1] + DIVERGENT[:1]:
         upstream = demo.demo_checkpoint(conf.name, root / f"{conf.name}.pth.tar")
-        result = api.convert_checkpoint(upstream, root / conf.name)
-        out[conf.name] = (upstream if conf.name in keep else None, result.out_dir)
-        if conf.name not in keep:
-            upstream.unlink()
+        out[conf.name] = (upstream, api.convert_checkpoint(upstream, root / conf.name).out_dir)
     yield out
     shutil.rmtree(root, ignore_errors=True)
 
 
-#: run in the child: loads every converted folder with lic.load(target="installed"), and runs master's
-#: forward on the golden input of the configurations in ``golden``, compared row by row with the
-#: outputs of the authors' code
+#: run in the child, one configuration at a time (so one configuration's files exist at once): converts
+#: the fixture weights with lic.convert, loads the folder with lic.load(target="installed"), runs
+#: master's forward on the golden input of the configurations in ``golden`` (compared row by row with
+#: the outputs of the authors' code), and deletes the files
 _WORKER = textwrap.dedent("""
-    import json, sys
+    import json, shutil, sys
     from pathlib import Path
     import torch
     from safetensors.torch import load_file
     import compressai
     import lic_checkpoints as lic
+    from lic_checkpoints.convert import demo
     from lic_checkpoints.verify.models.compressai.installed import MasterView
     from lic_checkpoints.verify.tiers import OUTPUT_ORDER, Tolerances, compare_tensor, flatten_outputs
 
@@ -128,7 +124,11 @@ _WORKER = textwrap.dedent("""
     master = Path(job["master"]).resolve()
     result = {"compressai": compressai.__version__, "compressai_file": compressai.__file__, "loads": {},
               "golden": {}}
-    for name, folder in job["folders"].items():
+    work = Path(job["work"])
+    for name in job["configurations"]:
+        upstream = demo.demo_checkpoint(name, work / f"{name}.pth.tar")
+        folder = lic.convert(upstream, work / name).out_dir
+        upstream.unlink()
         model = lic.load(folder, target="installed", update=False)
         module = sys.modules[type(model).__module__]
         result["loads"][name] = {"class": type(model).__module__ + "." + type(model).__qualname__,
@@ -145,19 +145,22 @@ _WORKER = textwrap.dedent("""
                              "detail": check.detail}
             result["golden"][name] = rows
         del model
+        shutil.rmtree(folder)
     print(json.dumps(result))
 """)
 
 
 @pytest.fixture(scope="module")
-def worker(master_dir, converted):
+def worker(master_dir, tmp_path_factory):
     # the cheapest divergent configuration is checked by lic-verify below; the others against the
     # golden outputs only (a lic-verify run of each would cost a reference model and forward more)
     golden = {c.name: str(_fixture_input(c).parent) for c in FAITHFUL[:1] + DIVERGENT[1:]}
-    job = {"master": str(master_dir), "folders": {name: str(folder) for name, (_, folder) in converted.items()},
-           "golden": golden}
+    work = tmp_path_factory.mktemp("master-loads")
+    job = {"master": str(master_dir), "configurations": registry.configuration_names(), "golden": golden,
+           "work": str(work)}
     run = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(job)], capture_output=True, text=True,
                          env=_env(master_dir), timeout=900)
+    shutil.rmtree(work, ignore_errors=True)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
