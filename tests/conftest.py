@@ -224,6 +224,23 @@ def checkpoints(tmp_path_factory):
     store.clear()
 
 
+@pytest.fixture(scope="module")
+def converted(checkpoints):
+    """``converted(name)``: ``convert_in_memory`` of the golden checkpoint, one configuration at a time."""
+    from lic_checkpoints.convert import api
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache.clear()
+            cache[name] = api.convert_in_memory(checkpoints.path(name))
+        return cache[name]
+
+    yield get
+    cache.clear()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _checkpoints_last_one_module(checkpoints):
     """The shared checkpoints serve one module at a time: removed when a module is done."""

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import CONFIGURATIONS, MAPPINGS_DIR, fixture_dir, target_manifest
-from lic_checkpoints.convert import api, registry
+from lic_checkpoints.convert import registry
 from lic_checkpoints.verify.cli import main as verify_main
 from lic_checkpoints.verify.models.compressai.compat import IncompatibleStateDictError
 from lic_checkpoints.verify.models.compressai.dcae import DCAE
@@ -35,21 +35,6 @@ SWAPPED = {
     "cc_scale_transforms.{k}.0.weight": "latent_codec.y.channel_context.y{k}.scale_cc.0.weight",
     "lrp_transforms.{k}.0.weight": "latent_codec.y.latent_codec.y{k}.lrp_transform.0.weight",
 }
-
-
-@pytest.fixture(scope="module")
-def converted(checkpoints):
-    """``converted(name)``: ``convert_in_memory`` of the golden checkpoint, one configuration at a time."""
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache.clear()
-            cache[name] = api.convert_in_memory(checkpoints.path(name))
-        return cache[name]
-
-    yield get
-    cache.clear()
 
 
 # --------------------------------------------------------------------------- the mapping

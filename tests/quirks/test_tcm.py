@@ -14,7 +14,6 @@ import torch
 import yaml
 
 from conftest import CONFIGURATIONS, MAPPINGS_DIR, meta_state_dict, target_manifest
-from lic_checkpoints.convert import api
 from lic_checkpoints.convert.errors import MappingError
 from lic_checkpoints.convert.rules import load_mapping
 from lic_checkpoints.verify.models.blocks import tcm_blocks as upstream_blocks
@@ -27,21 +26,6 @@ FAMILIES = ("tcm", "tcm_auxt")
 TCM_CONFIGURATIONS = [c for c in CONFIGURATIONS if c.family.family in FAMILIES]
 PLAIN = [c for c in TCM_CONFIGURATIONS if c.family.family == "tcm"]
 ids = [c.name for c in TCM_CONFIGURATIONS]
-
-
-@pytest.fixture(scope="module")
-def converted(checkpoints):
-    """``converted(name)``: ``convert_in_memory`` of the golden checkpoint, one configuration at a time."""
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache.clear()
-            cache[name] = api.convert_in_memory(checkpoints.path(name))
-        return cache[name]
-
-    yield get
-    cache.clear()
 
 
 def test_both_families_load_into_masters_tcm_class():
