@@ -17,7 +17,6 @@ pytest's basetemp is removed when the session ends.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections import OrderedDict
 from functools import lru_cache
@@ -133,14 +132,12 @@ def upstream_checkpoint(name: str, **harness):
 
 
 def checkpoint_bytes(name: str) -> int:
-    """Bytes of tensor data in the upstream checkpoint of configuration ``name`` (from its fixture)."""
-    manifest, _ = fixture_manifest(name)
-    return sum(math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-               for _, shape, dtype, _ in manifest["state_dict"])
+    """Bytes of tensor data in the upstream checkpoint of configuration ``name``."""
+    return registry.configuration(name).upstream_bytes()
 
 
 #: the configuration with the smallest checkpoint: the one plumbing tests use
-SMALL = min(CONFIGURATION_NAMES, key=checkpoint_bytes)
+SMALL = registry.smallest_configuration().name
 
 
 def step_kinds(conf: registry.Configuration) -> frozenset[str]:
