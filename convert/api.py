@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .. import __version__
 from . import detect as detect_mod
-from . import dtypes, engine, layouts, report
+from . import dtypes, engine, layouts, report, seal
 from .checkpoint import SourceCheckpoint, read_checkpoint
 from .detect import Detection
 from .errors import CheckpointError, ConversionError, OutputError
@@ -239,6 +239,7 @@ class ConversionResult:
     config: dict[str, Any] = field(default_factory=dict)
     non_finite: list[str] = field(default_factory=list)
     bytes_written: int = 0
+    tensor_data_sha256: str | None = None  # the seal of model.safetensors (see seal.py)
     spelling: Spelling | None = None  # how the source spelled its keys (set once the plan is complete)
 
     @property
@@ -329,6 +330,8 @@ def build_config(result: ConversionResult, *, source_sha256: str | None = None) 
         "report": report.summary(result.plan),
         "dtypes_preserved": result.plan.dtype_notes,
         "non_finite_tensors": result.non_finite,
+        **({seal.SEAL_SECTION: {"file": MODEL_FILE, seal.SEAL_KEY: result.tensor_data_sha256}}
+           if result.tensor_data_sha256 else {}),
     }
 
 
@@ -425,7 +428,7 @@ def _convert(source: SourceCheckpoint, out_dir: Path, family, output_format, pro
         if output_format == "safetensors":
             model_path = out_dir / MODEL_FILE
             early = safetensors_metadata(build_config(result, source_sha256=_PENDING_SHA256))
-            result.bytes_written = write_safetensors(
+            written = write_safetensors(
                 model_path,
                 [(s.target, s.shape, s.dtype) for s in plan.steps],
                 produce,
@@ -433,6 +436,7 @@ def _convert(source: SourceCheckpoint, out_dir: Path, family, output_format, pro
                 progress=progress,
                 final_metadata=finish_checks,
             )
+            result.bytes_written, result.tensor_data_sha256 = written.nbytes, written.tensor_data_sha256
         elif output_format == "pth":
             model_path = out_dir / "model.pth"
             values = {s.target: _as_torch(produce(s.target), s.dtype) for s in plan.steps}
@@ -482,6 +486,8 @@ def _read_converted(path: Path) -> tuple[SourceCheckpoint, dict[str, Any] | None
         if not model.is_file():
             raise CheckpointError(f"{path}: no {MODEL_FILE} in this folder; give a lic-convert output folder or file")
         config = json.loads(config_path.read_text()) if config_path.is_file() else None
+        if config is not None:
+            seal.check_seal(model, config)  # the way back starts from the file the conversion wrote
         return read_checkpoint(model), config
     return read_checkpoint(path), None
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import OutputError
+from .seal import DataHasher
 
 
 @contextlib.contextmanager
@@ -219,44 +220,66 @@ def write_safetensors(
     *,
     progress: Callable[[int], None] | None = None,
     final_metadata: Callable[[], dict[str, str]] | None = None,
-) -> int:
+) -> Written:
     """Stream tensors into ``path`` (atomically); ``produce(key)`` is called once per key, in order.
 
     ``final_metadata``, if given, is called once every tensor is written, before the file takes its
     final name; its metadata replaces ``metadata`` in the header (room for values up to
     :data:`HEADER_SLACK` bytes longer is reserved).  It may raise to abandon the file.
-    Returns the number of bytes written.
+    Returns the number of bytes written and the sha256 of the tensor data (the file's seal, hashed
+    by a background thread that follows the writer: see :mod:`.seal`).
     """
     entries = list(entries)
     blob, data_bytes = _header(entries, metadata)
     reserved = len(blob) + (HEADER_SLACK if final_metadata is not None else 0)
     reserved += -reserved % 8
-    with atomic_path(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))  # no O_TRUNC: ext4 flushes truncated files on close
-        try:
-            out = _Output(fd)
-            out.write(struct.pack("<Q", reserved) + blob.ljust(reserved))
-            for key, shape, dtype in entries:
-                value = produce(key)
-                if isinstance(value, FileRange):
-                    nbytes = value.nbytes
-                    out.copy(value)
-                else:
-                    if not _holds(value, shape, dtype):
-                        raise OutputError(f"{key}: produced {list(value.shape)} {value.dtype}, planned {list(shape)} {dtype}")
-                    data = _raw_bytes(value)
-                    nbytes = data.nbytes
-                    out.write(data)
-                if progress is not None:
-                    progress(nbytes)
-            if final_metadata is not None:
-                final, _ = _header(entries, final_metadata())
-                if len(final) > reserved:
-                    raise OutputError(f"{path}: the final metadata is {len(final) - len(blob)} bytes longer than planned")
-                os.pwrite(fd, final.ljust(reserved), 8)
-        finally:
-            os.close(fd)
-    return 8 + reserved + data_bytes
+    hasher: DataHasher | None = None
+    try:
+        with atomic_path(path) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))  # no O_TRUNC: ext4 flushes truncated files on close
+            try:
+                out = _Output(fd)
+                out.write(struct.pack("<Q", reserved) + blob.ljust(reserved))
+                hasher = DataHasher(tmp, 8 + reserved)
+                done = 0
+                for key, shape, dtype in entries:
+                    value = produce(key)
+                    if isinstance(value, FileRange):
+                        nbytes = value.nbytes
+                        out.copy(value)
+                    else:
+                        if not _holds(value, shape, dtype):
+                            raise OutputError(f"{key}: produced {list(value.shape)} {value.dtype}, planned {list(shape)} {dtype}")
+                        data = _raw_bytes(value)
+                        nbytes = data.nbytes
+                        out.write(data)
+                    done += nbytes
+                    hasher.written(done)
+                    if progress is not None:
+                        progress(nbytes)
+                hasher.finish(done)
+                if final_metadata is not None:
+                    final, _ = _header(entries, final_metadata())
+                    if len(final) > reserved:
+                        raise OutputError(f"{path}: the final metadata is {len(final) - len(blob)} bytes longer than planned")
+                    os.pwrite(fd, final.ljust(reserved), 8)
+            finally:
+                os.close(fd)
+        # the flush to disk ran while the seal was hashed; the file has its final name now
+        sha256 = hasher.result()
+    except BaseException:
+        if hasher is not None:
+            hasher.cancel()
+        raise
+    return Written(8 + reserved + data_bytes, sha256)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_safetensors` wrote: its size and the sha256 of its tensor data."""
+
+    nbytes: int
+    tensor_data_sha256: str
 
 
 #: extra header room kept for metadata known only at the end (a safetensors header may end in spaces)

@@ -82,7 +82,7 @@ def verify(src: str | Path, converted: str | Path | None = None, **options: Any)
 
 
 def load(path_or_hub_id: str | Path, *, target: str = "ours", revision: str | None = None,
-         update: bool = True) -> nn.Module:
+         update: bool = True, check_integrity: bool = True) -> nn.Module:
     """The CompressAI-layout model of a conversion, ready to run.
 
     ``path_or_hub_id`` is a ``lic-convert`` output folder, its ``model.safetensors`` (with
@@ -90,7 +90,9 @@ def load(path_or_hub_id: str | Path, *, target: str = "ours", revision: str | No
     ``"hf://owner/name@revision"``) published with ``lic-push``.  The weights are loaded strictly,
     the model is in eval mode and (unless ``update=False``) its entropy tables are built, so
     ``compress``/``decompress`` work at once.  ``target="installed"`` uses the installed compressai's own
-    class (CompressAI master) instead of ours.
+    class (CompressAI master) instead of ours.  ``model.safetensors`` must hash to the sha256 its
+    ``config.json`` records (a file changed after conversion raises :class:`LicError`);
+    ``check_integrity=False`` skips that check.
 
     >>> import lic_checkpoints as lic
     >>> net = lic.load("converted/")  # doctest: +SKIP
@@ -99,7 +101,8 @@ def load(path_or_hub_id: str | Path, *, target: str = "ours", revision: str | No
     """
     from lic_checkpoints.verify.loading import load_converted
 
-    return load_converted(_local_folder(path_or_hub_id, revision), source=target, update=update)
+    return load_converted(_local_folder(path_or_hub_id, revision), source=target, update=update,
+                          check_integrity=check_integrity)
 
 
 def _local_folder(path_or_hub_id: str | Path, revision: str | None) -> Path:

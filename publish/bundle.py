@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lic_checkpoints.convert.api import CONFIG_FILE, CONFIG_FORMAT, MODEL_FILE
+from lic_checkpoints.convert.errors import LicError
+from lic_checkpoints.convert.seal import check_seal
 
 from . import card
 from .errors import ParityRefusedError, PublishError
@@ -126,6 +128,10 @@ def collect(folder: str | Path, repo_id: str, *, allow_failing_parity: bool = Fa
     if not model.is_file():
         raise PublishError(f"{folder}: no {MODEL_FILE}; publish a folder written by lic-convert")
     config = _read_config(folder)
+    try:
+        check_seal(model, config)  # never publish a file that changed after its conversion
+    except LicError as exc:
+        raise PublishError(str(exc)) from None
     report = _read_parity(folder, config)
     passed = _check_parity(folder, report, allow_failing_parity)
     markdown_path = folder / PARITY_MARKDOWN

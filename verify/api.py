@@ -18,6 +18,7 @@ import torch
 
 from lic_checkpoints.convert import api as convert_api
 from lic_checkpoints.convert import engine, integrity, layouts
+from lic_checkpoints.convert import seal as seal_mod
 from lic_checkpoints.convert.checkpoint import SourceCheckpoint, read_checkpoint
 from lic_checkpoints.convert.errors import LicError
 from lic_checkpoints.convert.finite import all_finite
@@ -49,13 +50,30 @@ def _converted_file(converted: str | Path) -> Path:
     return path / convert_api.MODEL_FILE if path.is_dir() else path
 
 
-def _load_converted(converted: str | Path | None, plan: engine.Plan, source: SourceCheckpoint) -> _Converted:
+def _load_converted(converted: str | Path | None, plan: engine.Plan, source: SourceCheckpoint,
+                    seal: str) -> _Converted:
     if converted is None:
         tensors = {s.target: engine.tensor(s, source.state_dict, own_storage=True) for s in plan.steps}
         return _Converted(tensors, {"origin": "converted on the fly"})
     path = _converted_file(converted)
     read = read_checkpoint(path, check_now=False)
-    return _Converted(dict(read.state_dict), {"origin": "file", "file": str(path), "sha256": None}, read)
+    return _Converted(dict(read.state_dict), {"origin": "file", "file": str(path), "sha256": None, "seal": seal}, read)
+
+
+def _check_seal(converted: str | Path | None, check_integrity: bool) -> str:
+    """Whether the converted file hashes to the seal its ``config.json`` records; raises if it does not."""
+    if converted is None:
+        return "converted on the fly"
+    if not check_integrity:
+        return "not checked (skipped on request)"
+    path = _converted_file(converted)
+    config_path = path.parent / convert_api.CONFIG_FILE
+    if not config_path.is_file() or not path.is_file():
+        return "not checked (no config.json beside the file)"
+    from .loading import read_config
+
+    digest = seal_mod.check_seal(path, read_config(path.parent), skip_hint="pass --skip-integrity-check")
+    return f"matches config.json (sha256 {digest})" if digest else "not recorded in config.json"
 
 
 def _forward(model, x: torch.Tensor, with_params: bool) -> dict[str, Any]:
@@ -187,8 +205,13 @@ def verify_checkpoint(
     mapping: str | Path | None = None,
     upstream_repo: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    check_integrity: bool = True,
 ) -> ParityReport:
-    """Check that the CompressAI-layout model computes what the upstream model computes."""
+    """Check that the CompressAI-layout model computes what the upstream model computes.
+
+    A converted file whose tensor data no longer hashes to the seal in its ``config.json`` is
+    refused before anything else runs (``check_integrity=False`` skips that check).
+    """
     tol = tolerances or Tolerances()
     if target not in ("ours", "installed"):
         raise LicError(f"target must be 'ours' or 'installed', got {target!r}")
@@ -197,6 +220,7 @@ def verify_checkpoint(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
+    seal = _check_seal(converted, check_integrity)
     if converted is not None:
         integrity.prefetch(_converted_file(converted))
     # Both files' integrity scans (CRC of every record, sha256) run in the background while the
@@ -208,7 +232,7 @@ def verify_checkpoint(
         from .models.compressai.installed import target_class
 
         installed_cls = target_class(detection.family, source="installed")
-    conv = _load_converted(converted, plan, source) if plan.ok else _Converted({}, {"origin": "not converted"})
+    conv = _load_converted(converted, plan, source, seal) if plan.ok else _Converted({}, {"origin": "not converted"})
     test_images = images_mod.load(images)
     mapping = detection.mapping
     report = ParityReport(
@@ -227,6 +251,8 @@ def verify_checkpoint(
         inputs=[{"name": i.name, "shape": list(i.x.shape), "sha256": i.sha256} for i in test_images],
         tolerances=tol,
     )
+    if not check_integrity and converted is not None:
+        report.notes.append("the converted file's seal (sha256 of its tensor data) was not checked, on request")
     narrow = [d for d in report.source["dtypes"] if d in ("float16", "bfloat16")]
     if narrow:
         report.notes.append(f"the checkpoint holds {' and '.join(narrow)} tensors; both models compute in float32 "

@@ -69,10 +69,12 @@ def _tiers(value: str) -> list[str]:
               help="Use this mapping YAML instead of the shipped ones (e.g. while writing a new mapping).")
 @click.option("--unsafe-trust-pickle", is_flag=True,
               help="DANGEROUS: fully unpickle SOURCE, which can run code stored in it.")
+@click.option("--skip-integrity-check", is_flag=True,
+              help="Use CONVERTED even if its tensor data no longer hashes to the sha256 its config.json records.")
 @click.version_option(__version__, prog_name="lic-verify")
 def main(source, converted, family, images, tiers, target, forward_rtol, forward_atol, likelihood_rtol,
          likelihood_atol, flip_margin, metric_atol, json_out, md_out, save_outputs, baseline, threads, demo,
-         upstream_repo, mapping, unsafe_trust_pickle):
+         upstream_repo, mapping, unsafe_trust_pickle, skip_integrity_check):
     """Verify a converted checkpoint against the upstream model, tier by tier.
 
     SOURCE is the upstream checkpoint; CONVERTED (a lic-convert output folder, a .safetensors file, or
@@ -109,7 +111,8 @@ def main(source, converted, family, images, tiers, target, forward_rtol, forward
         report = verify_checkpoint(source, converted, family=family, images=list(images) or None,
                                    tiers=tier_list, tolerances=tol, target=target, save_outputs=save_outputs,
                                    trust_pickle=unsafe_trust_pickle, mapping=mapping,
-                                   upstream_repo=upstream_repo, progress=progress)
+                                   upstream_repo=upstream_repo, progress=progress,
+                                   check_integrity=not skip_integrity_check)
     except LicError as exc:
         _fail(str(exc))
     _emit(report, json_out, md_out, report_dir)

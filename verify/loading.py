@@ -3,6 +3,7 @@
 ``config.json`` names the family and the constructor kwargs; the class is ours by default, or the
 installed compressai's own (``source="installed"``, e.g. CompressAI master) when it ships one: then
 the weights go through that class's own ``load_state_dict`` (strict), and a mismatch is one line.
+A model file that changed after conversion is refused before it is read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from lic_checkpoints.convert.api import CONFIG_FILE, MODEL_FILE
 from lic_checkpoints.convert.errors import CheckpointError
+from lic_checkpoints.convert.seal import check_seal
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -27,15 +29,23 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
-def load_converted(folder: str | Path, *, source: str = "ours", update: bool = True) -> nn.Module:
-    """The model of a converted folder, weights loaded strictly, in eval mode (entropy tables built)."""
+def load_converted(folder: str | Path, *, source: str = "ours", update: bool = True,
+                   check_integrity: bool = True) -> nn.Module:
+    """The model of a converted folder, weights loaded strictly, in eval mode (entropy tables built).
+
+    Unless ``check_integrity`` is false, ``model.safetensors`` must first hash to the seal its
+    ``config.json`` records (:mod:`lic_checkpoints.convert.seal`).
+    """
     from safetensors.torch import load_file
 
     from .models.compressai.installed import target_class
 
     config = read_config(folder)
     cls = target_class(config["family"], source=source)
-    weights = load_file(str(Path(folder) / MODEL_FILE))
+    model_path = Path(folder) / MODEL_FILE
+    if check_integrity:
+        check_seal(model_path, config, skip_hint="pass check_integrity=False")
+    weights = load_file(str(model_path))
     if source == "installed":  # the installed compressai's own class and its own load_state_dict
         from .builders import load_installed
 

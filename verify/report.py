@@ -139,6 +139,8 @@ class ParityReport:
             f"## Parity report: {self.family} / {self.variant} — {verdict}",
             "",
             f"- Source checkpoint: `{src.get('file')}` (sha256 `{src.get('sha256', '')[:16]}…`)",
+            *([f"- Converted file: `{Path(self.converted['file']).name}`, its seal (sha256 of the tensor data) "
+               f"{self.converted['seal']}"] if self.converted.get("seal") else []),
             f"- Mapping: `{self.mapping.get('file')}` v{self.mapping.get('version')}",
             f"- Reference: {self.reference}; target: {self.target}",
             f"- Inputs: {', '.join(i['name'] for i in self.inputs)}",
