@@ -56,6 +56,9 @@ class Spelling:
     container_entry: str | None = "state_dict"
     #: the container's other top-level entries (optimizer, epoch, ...): listed, never restored
     other_entries: tuple[str, ...] = ()
+    #: restored key -> dtype the source stored it in, for tensors the inverse regenerates (derived
+    #: buffers the conversion dropped) where that is not the layout's dtype (e.g. a float16 file)
+    dtypes: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +68,7 @@ class Spelling:
             "key_order": [list(run) for run in self.key_order] if self.key_order is not None else None,
             "container_entry": self.container_entry,
             "other_entries": list(self.other_entries),
+            "dtypes": dict(self.dtypes),
         }
 
     @classmethod
@@ -83,6 +87,7 @@ class Spelling:
         order = data.get("key_order")
         entry = data.get("container_entry", "state_dict")
         others = data.get("other_entries", [])
+        stored_dtypes = data.get("dtypes", {})
         if not isinstance(prefix, str):
             raise bad("key_prefix is not a string")
         if not isinstance(alternatives, dict) or not all(
@@ -90,6 +95,9 @@ class Spelling:
             raise bad("alternatives is not a map of rule names to indexes")
         if not isinstance(renamed, dict) or not all(isinstance(v, str) for v in renamed.values()):
             raise bad("renamed_keys is not a map of keys to keys")
+        if not isinstance(stored_dtypes, dict) or not all(
+                isinstance(v, str) and dtypes.known(v) for v in stored_dtypes.values()):
+            raise bad("dtypes is not a map of keys to dtype names")
         if order is not None and not (isinstance(order, list) and all(
                 isinstance(r, list) and len(r) == 2 and all(isinstance(n, int) and n >= 0 for n in r) for r in order)):
             raise bad("key_order is not a list of [start, length] runs")
@@ -98,7 +106,8 @@ class Spelling:
         if not isinstance(others, list) or not all(isinstance(k, str) for k in others):
             raise bad("other_entries is not a list of names")
         return cls(prefix, dict(alternatives), dict(renamed),
-                   tuple((a, b) for a, b in order) if order is not None else None, entry, tuple(others))
+                   tuple((a, b) for a, b in order) if order is not None else None, entry, tuple(others),
+                   dict(stored_dtypes))
 
     def describe(self) -> str:
         parts = [f"prefix {self.key_prefix!r}" if self.key_prefix else "no prefix"]
@@ -109,6 +118,8 @@ class Spelling:
             parts.append(f"{len(self.renamed_keys)} key(s) named one by one")
         if self.key_order is not None:
             parts.append("the source's key order")
+        if self.dtypes:
+            parts.append(f"{len(self.dtypes)} regenerated buffer(s) in the source's dtype")
         parts.append(f"in {self.container_entry!r}" if self.container_entry else "a bare state dict")
         return ", ".join(parts)
 
@@ -125,6 +136,7 @@ def source_spelling(
     *,
     container_entry: str | None = None,
     other_entries: tuple[str, ...] | list[str] = (),
+    source_dtype: Callable[[str], str] | None = None,
 ) -> Spelling:
     """How the source of the forward ``plan`` spelled its keys.
 
@@ -134,7 +146,8 @@ def source_spelling(
     planned on the converted shapes (no tensor is read) and its result compared with the source's
     keys: ``renamed_keys`` then lists every key prefix and alternatives do not give back, and
     ``key_order`` the source's order when it is not the layout's, so that the recorded spelling
-    restores every key exactly.
+    restores every key exactly.  ``source_dtype(key as read)`` gives a source tensor's dtype: the
+    regenerated buffers whose stored dtype is not the layout's are recorded in ``dtypes``.
     """
     prefix = _common_prefix(source_keys, stored_as)
     alternatives = {name: max(sorted(counts), key=lambda i: counts[i]) for name, counts in plan.alternatives.items()}
@@ -151,6 +164,7 @@ def source_spelling(
         dropped.setdefault(rule.name, []).append(key)
     restored: list[str] = []
     originals: list[str | None] = []
+    regenerated_dtypes: dict[str, str] = {}
     for step in inverse.steps:
         spelled = step.spelled or step.target
         if step.sources:
@@ -160,6 +174,9 @@ def source_spelling(
             cleaned = spelled if spelled in pool else None
             if cleaned is not None:
                 pool.remove(cleaned)
+                stored = source_dtype(cleaned) if source_dtype is not None else step.dtype
+                if stored != step.dtype:
+                    regenerated_dtypes[prefix + spelled] = stored
         restored.append(prefix + spelled)
         originals.append(stored_as.get(cleaned, cleaned) if cleaned is not None else None)
     renamed = {r: o for r, o in zip(restored, originals) if o is not None and r != o}
@@ -167,7 +184,8 @@ def source_spelling(
     paired = sorted((j for j, o in enumerate(originals) if o is not None), key=lambda j: rank[originals[j]])
     sequence = paired + [j for j, o in enumerate(originals) if o is None]
     order = None if sequence == list(range(len(sequence))) else _runs(sequence)
-    return Spelling(prefix, alternatives, renamed, order, container_entry, tuple(other_entries))
+    stored_dtypes = {renamed.get(key, key): dtype for key, dtype in regenerated_dtypes.items()}
+    return Spelling(prefix, alternatives, renamed, order, container_entry, tuple(other_entries), stored_dtypes)
 
 
 def _common_prefix(source_keys: list[str], stored_as: Mapping[str, str]) -> str:
@@ -204,7 +222,8 @@ def _expand_runs(runs: tuple[tuple[int, int], ...], count: int, where: str) -> l
 def spelling_of(source: SourceCheckpoint, plan: engine.Plan, upstream_layout: layouts.Layout | None) -> Spelling:
     """:func:`source_spelling` of a read checkpoint (its keys in the file's order and its container)."""
     return source_spelling(plan, list(source.state_dict), source.stored_as, upstream_layout,
-                           container_entry=source.container_entry, other_entries=source.ignored_entries)
+                           container_entry=source.container_entry, other_entries=source.ignored_entries,
+                           source_dtype=lambda key: dtypes.name(source.state_dict[key].dtype))
 
 
 def spelled_steps(inverse: engine.Plan, spelling: Spelling, where: str) -> list[tuple[str, engine.Step]]:
@@ -227,6 +246,15 @@ def spelled_steps(inverse: engine.Plan, spelling: Spelling, where: str) -> list[
                                   "convert back with --canonical")
         seen.add(key)
     return [(keys[i], inverse.steps[i]) for i in order]
+
+
+def spelled_tensor(key: str, step: engine.Step, tensors: Mapping[str, Any], spelling: Spelling):
+    """The restored value of ``step`` under ``key``, in the dtype the source stored it in."""
+    value = engine.tensor(step, tensors)
+    stored = spelling.dtypes.get(key)
+    if stored is not None and dtypes.name(value.dtype) != stored:
+        value = value.to(dtypes.to_torch(stored))
+    return value
 
 
 @dataclass
@@ -557,7 +585,7 @@ def restore_checkpoint(
     if failures:
         raise ConversionError(f"{converted.path}: cannot convert back: {failures[0]}", report=plan)
     named = spelled_steps(plan, spelling, str(converted.path))
-    state = {key: engine.tensor(step, converted.state_dict) for key, step in named}
+    state = {key: spelled_tensor(key, step, converted.state_dict, spelling) for key, step in named}
     out_file = Path(out_file)
     _prepare_out_dir(out_file.parent)
     write_torch(out_file, state if spelling.container_entry is None else {spelling.container_entry: state})

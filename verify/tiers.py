@@ -136,7 +136,8 @@ def tier0(plan: engine.Plan, source: Mapping[str, torch.Tensor], converted: Mapp
         {"checked": len(plan.steps), "differing": len(bad)},
     ))
     stored_as = stored_as or {}
-    spelling = convert_api.source_spelling(plan, list(source), stored_as, upstream_layout)
+    spelling = convert_api.source_spelling(plan, list(source), stored_as, upstream_layout,
+                                           source_dtype=lambda key: str(source[key].dtype).removeprefix("torch."))
     problems: list[str] = []
     try:
         inverse = engine.plan(converted, detection, upstream_layout, direction=engine.INVERSE,
@@ -158,7 +159,7 @@ def tier0(plan: engine.Plan, source: Mapping[str, torch.Tensor], converted: Mapp
             problems.append(_key_difference(restored_keys, list(as_read)))
         for key, step in named if not problems else ():
             original = source[as_read[key]]
-            value = engine.tensor(step, converted)
+            value = convert_api.spelled_tensor(key, step, converted, spelling)
             if (id(value), id(original)) not in identical and not _equal(value, original):
                 problems.append(f"{key}: the round trip does not give back the source tensor")
                 break
