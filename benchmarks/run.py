@@ -53,6 +53,7 @@ TARGETS = {
     "lic-verify peak RSS / single-model peak RSS": 1.3,  # at most
     "lic-verify time / bare model runs": 1.15,  # at most
     "per-file speed-up of one call for many files": 1.2,  # at least
+    "lic-convert wall / master converter wall": 1.0,  # at most
 }
 AT_LEAST = {"conversion throughput / raw copy throughput", "per-file speed-up of one call for many files"}
 
@@ -254,7 +255,42 @@ def child_timed_verify(checkpoint: str, converted_dir: str, image: str, tiers: s
     print(json.dumps({"seconds": seconds, "timings": getattr(report, "timings", {})}))
 
 
+def child_master_loads(name: str, master_out: str, ours_dir: str) -> None:
+    """Untimed: whether each converter's output loads strictly into CompressAI master's own class.
+
+    Runs with the master folder first on ``sys.path``; prints whether both outputs hold the same keys
+    and bit-identical tensors.
+    """
+    import torch
+
+    from lic_checkpoints.convert import registry
+    from lic_checkpoints.verify.loading import load_converted
+    from lic_checkpoints.verify.models.compressai.installed import target_class
+
+    import compressai
+
+    conf = registry.configuration(name)
+    result: dict = {"compressai": compressai.__version__}
+    theirs = torch.load(master_out, map_location="cpu", weights_only=True)
+    try:
+        model = target_class(conf.family.family, source="installed")(**conf.target_kwargs)
+        model.load_state_dict(theirs, strict=True)
+        result["master_strict"] = True
+    except Exception as exc:  # reported in the table, not raised: the benchmark goes on
+        result["master_strict"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    try:
+        ours = load_converted(ours_dir, source="installed", update=False).state_dict()
+        result["ours_strict"] = True
+    except Exception as exc:
+        ours, result["ours_strict"] = {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    result["same_keys"] = bool(ours) and sorted(ours) == sorted(theirs)
+    result["equal_tensors"] = sum(1 for k, v in theirs.items() if k in ours and torch.equal(ours[k], v))
+    result["tensors"] = len(theirs)
+    print(json.dumps(result))
+
+
 CHILD_ROLES = {
+    "master-loads": child_master_loads,
     "synthesize": child_synthesize,
     "naive": child_naive,
     "timed-convert": child_timed_convert,
@@ -430,6 +466,66 @@ def section_verify(bench: Bench, sizes: Sequence[int]) -> None:
         bench.record("lic-verify time / bare model runs", f"{VERIFY_MODEL} {size}px (processes)", process_ratio)
 
 
+def _master_folder() -> tuple[Path | None, str]:
+    """The CompressAI master build of ``tools/install_master.py``, or why there is none."""
+    sys.path.insert(0, str(THIS.parent.parent / "tools"))
+    try:
+        import install_master
+    finally:
+        sys.path.pop(0)
+    folder = install_master.default_dir()
+    problem = install_master.usable(folder)
+    return (None, problem) if problem else (folder, "")
+
+
+def _master_converter(master: Path, family: str) -> Path | None:
+    """Master's own converter script for ``family`` (``examples/convert_<family>_checkpoint.py``; a
+    family named ``<base>_<extension>`` falls back to its base's script, which converts both)."""
+    for stem in dict.fromkeys((family, family.split("_")[0])):
+        script = master / "examples" / f"convert_{stem}_checkpoint.py"
+        if script.is_file():
+            return script
+    return None
+
+
+def section_master(bench: Bench, names: Sequence[str]) -> None:
+    """CompressAI master's converters, run as shipped, against lic-convert on the same files."""
+    print(f"\n== CompressAI master's converters against lic-convert  ({load_note()})")
+    master, problem = _master_folder()
+    if master is None:
+        print(f"  skipped: {problem} (build it with: python tools/install_master.py)")
+        return
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(master), os.environ.get("PYTHONPATH")))))
+    for name in names:
+        script = _master_converter(master, _family_of(name))
+        if script is None:
+            print(f"  {name}: master ships no converter for this family")
+            continue
+        src = bench.checkpoint(name)
+        theirs, ours = bench.out("master.pth"), bench.out("lic")
+        got = interleaved(bench.runs, {
+            "master": lambda: run_child([sys.executable, str(script), "--src", str(src), "--dst", str(theirs)], env=env),
+            "ours": lambda: run_child([bench.lic_convert, str(src), "-o", str(ours)]),
+        }, bench.clean_out)
+        # one more untimed run of each, kept, for the strict-load check in master's environment
+        run_child([sys.executable, str(script), "--src", str(src), "--dst", str(theirs)], env=env)
+        run_child([bench.lic_convert, str(src), "-o", str(ours)])
+        loads = run_child(child_argv("master-loads", name, theirs, ours), env=env).report
+        bench.clean_out()
+        wall, peak = (lambda s: s.wall), (lambda s: s.peak_mb)
+        print(f"  {name} ({bench.size_mb(name):.1f} MB), master's {script.name} (compressai {loads.get('compressai')})")
+        for label, samples in (("master's converter", got["master"]), ("lic-convert", got["ours"])):
+            print(f"    {label:20s} wall {fmt_runs(samples, wall, 's')}")
+            print(f"    {'':20s} peak {fmt_runs(samples, peak, 'MB')}")
+        print(f"    ratio lic-convert / master: wall {median(got['ours'], wall) / median(got['master'], wall):.2f}"
+              f"   peak {median(got['ours'], peak) / median(got['master'], peak):.2f}")
+        print(f"    strict load into master's class: master's output {loads.get('master_strict')}, "
+              f"lic-convert's output {loads.get('ours_strict')}; same keys {loads.get('same_keys')}, "
+              f"{loads.get('equal_tensors')} of {loads.get('tensors')} tensors bit-identical")
+        bench.record("lic-convert wall / master converter wall", name,
+                     median(got["ours"], wall) / median(got["master"], wall))
+
+
 def print_summary(bench: Bench) -> None:
     print(f"\n== targets  ({load_note()})")
     for target, limit in TARGETS.items():
@@ -464,8 +560,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 runs, only the largest configuration for the single-file section, verify at 256 px only")
     parser.add_argument("--runs", type=int, default=None, help="measured runs per number (default 5; 3 with --quick)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
-    parser.add_argument("--sections", default="single,many,scaling,verify",
-                        help="comma-separated subset of single,many,scaling,verify")
+    parser.add_argument("--sections", default="single,many,scaling,verify,master",
+                        help="comma-separated subset of single,many,scaling,verify,master")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up even when the output goes to a file
     runs = args.runs or (3 if args.quick else 5)
@@ -506,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             except RuntimeError as exc:  # lic-verify is importable but failed: report it, keep the rest
                 print(f"  lic-verify failed, section not measured: {str(exc).strip().splitlines()[-1]}")
             done("verify")
+        if "master" in sections:
+            section_master(bench, single)
+            done("master")
         print_summary(bench)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 

@@ -155,6 +155,8 @@ def source_spelling(
     if not plan.ok:
         return spelling
     specs = {s.target: Spec(s.shape, s.dtype) for s in plan.steps}
+    # keys a rule dropped for good are not given back: the spelling covers the rest
+    upstream_layout, _ = engine.restorable_layout(upstream_layout, plan.detection.mapping.rules)
     inverse = engine.plan(specs, plan.detection, upstream_layout, direction=engine.INVERSE, alternatives=alternatives)
     if not inverse.ok:
         return spelling
@@ -354,6 +356,7 @@ def build_config(result: ConversionResult, *, source_sha256: str | None = None) 
             "ignored_entries": src.ignored_entries,
             "module_prefix_stripped_from": src.stripped_prefix_keys,
             "spelling": result.spelling.to_json() if result.spelling is not None else None,
+            "dropped": dropped_record(result.plan),
         },
         "report": report.summary(result.plan),
         "dtypes_preserved": result.plan.dtype_notes,
@@ -361,6 +364,15 @@ def build_config(result: ConversionResult, *, source_sha256: str | None = None) 
         **({seal.SEAL_SECTION: {"file": MODEL_FILE, seal.SEAL_KEY: result.tensor_data_sha256}}
            if result.tensor_data_sha256 else {}),
     }
+
+
+def dropped_record(plan: engine.Plan) -> list[dict[str, Any]]:
+    """Per drop rule that took source keys: how many, whether ``--inverse`` can restore them, why."""
+    counts: dict[str, list] = {}
+    for _, rule in plan.dropped:
+        counts.setdefault(rule.name, [0, rule])[0] += 1
+    return [{"rule": name, "count": n, "restorable": rule.restore_value is not None, "reason": rule.reason}
+            for name, (n, rule) in counts.items()]
 
 
 def safetensors_metadata(config: Mapping[str, Any]) -> dict[str, str]:
@@ -376,6 +388,9 @@ def safetensors_metadata(config: Mapping[str, Any]) -> dict[str, str]:
         "lic.target_class": config["target"]["class"],
         "lic.tool_version": config["tool"]["version"],
     }
+    unrestorable = {d["rule"]: d["count"] for d in config["source"].get("dropped") or [] if not d["restorable"]}
+    if unrestorable:  # so that --inverse on a bare model.safetensors knows what it cannot give back
+        meta["lic.unrestorable"] = json.dumps(unrestorable, separators=(",", ":"))
     spelling = config["source"].get("spelling")
     if spelling is not None:  # so that a bare model.safetensors converts back to the source's names too
         meta["lic.spelling"] = json.dumps(spelling, separators=(",", ":"))
@@ -559,6 +574,7 @@ def restore_checkpoint(
     family: str | None = None,
     variant: str | None = None,
     canonical: bool = False,
+    without_dropped: bool = False,
 ) -> RestoreResult:
     """Turn a converted file (or output folder) back into the upstream layout and save it.
 
@@ -568,12 +584,16 @@ def restore_checkpoint(
     ``canonical=True``, or when nothing was recorded, the result is ``{"state_dict": ...}`` with
     upstream's plain names in upstream key order.  Derived buffers the conversion dropped are
     regenerated to their exact upstream values.
+
+    Keys a rule dropped without a way back (e.g. a training-only branch) cannot be restored: when the
+    conversion dropped any, this refuses unless ``without_dropped`` asks for the checkpoint without
+    them (what the authors' inference code loads).
     """
     converted, config = _read_converted(Path(path))
     detection = _detection_of_converted(converted, config, family, variant)
     recorded = None if canonical else recorded_spelling(converted, config)
     spelling = recorded or CANONICAL
-    layout = _upstream_layout(detection)
+    layout = _restorable_upstream_layout(converted, config, detection, without_dropped)
     try:
         plan = engine.plan(converted.state_dict, detection, layout, direction=engine.INVERSE,
                            alternatives=spelling.alternatives)
@@ -590,6 +610,34 @@ def restore_checkpoint(
     _prepare_out_dir(out_file.parent)
     write_torch(out_file, state if spelling.container_entry is None else {spelling.container_entry: state})
     return RestoreResult(state, plan, out_file, spelling, recorded is not None)
+
+
+def _restorable_upstream_layout(converted: SourceCheckpoint, config, detection: Detection,
+                                without_dropped: bool) -> layouts.Layout | None:
+    """The upstream layout ``--inverse`` can write: without the keys no rule can restore, when the
+    source had none of them or ``without_dropped`` allows leaving them out; else a one-line refusal."""
+    full = _upstream_layout(detection)
+    reduced, gone = engine.restorable_layout(full, detection.mapping.rules)
+    if not gone:
+        return full
+    if config is not None and "dropped" in config.get("source", {}):
+        lost = {d["rule"]: d["count"] for d in config["source"]["dropped"] or [] if not d["restorable"]}
+    elif "lic.unrestorable" in converted.metadata:
+        lost = json.loads(converted.metadata["lic.unrestorable"])
+    else:
+        lost = None  # not recorded: the source may have held them
+    if lost == {} or without_dropped:
+        return reduced
+    if lost:
+        name, count = next(iter(lost.items()))
+        rule = next((r for r in detection.mapping.rules if r.name == name), None)
+        what = (f"the conversion dropped {sum(lost.values())} source keys that no rule can restore "
+                f"({count} by rule {name!r}" + (f": {rule.reason}" if rule is not None else "") + ")")
+    else:
+        what = (f"the upstream layout holds {len(gone)} keys no rule can restore (e.g. {gone[0]!r}) and "
+                "the file does not record whether its source had them")
+    raise ConversionError(f"{converted.path}: cannot give the source back: {what}; rerun with --without-dropped "
+                          "to write the checkpoint without them (what the authors' inference code loads)")
 
 
 def _detection_of_converted(converted: SourceCheckpoint, config, family, variant) -> Detection:

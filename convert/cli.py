@@ -61,6 +61,9 @@ def _progress_for(size: int, enabled: bool):
 @click.option("--canonical", is_flag=True,
               help="With --inverse: write upstream's plain names instead (no prefix, current compressai "
                    "names, upstream key order, {'state_dict': ...}).")
+@click.option("--without-dropped", is_flag=True,
+              help="With --inverse: when the conversion dropped keys no rule can restore (e.g. a training-only "
+                   "branch), write the checkpoint without them instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the table.")
 @click.option("--full-report", is_flag=True, help="Show every row of the load report, not only problems and totals.")
 @click.option("--demo", "demo", metavar="NAME", cls=ListedOption, listing=listed.configurations,
@@ -71,7 +74,7 @@ def _progress_for(size: int, enabled: bool):
                    "from a source you trust that torch's safe loader refuses.")
 @click.version_option(__version__, prog_name="lic-convert")
 def main(sources, out, family, variant, output_format, inverse, canonical, as_json, full_report, demo,
-         unsafe_trust_pickle):
+         unsafe_trust_pickle, without_dropped):
     """Convert upstream checkpoints to the CompressAI layout.
 
     Writes OUT/model.safetensors and OUT/config.json for each SOURCE, after checking that every
@@ -85,8 +88,10 @@ def main(sources, out, family, variant, output_format, inverse, canonical, as_js
             _fail("give a checkpoint to convert (or --demo NAME); see lic-convert --help")
         if canonical and not inverse:
             _fail("--canonical only applies to --inverse; add --inverse or drop --canonical")
+        if without_dropped and not inverse:
+            _fail("--without-dropped only applies to --inverse; add --inverse or drop --without-dropped")
         if inverse:
-            _run_inverse(sources, out, family, variant, canonical, as_json)
+            _run_inverse(sources, out, family, variant, canonical, as_json, without_dropped)
             return
         many = len(sources) > 1
         summaries = []
@@ -169,14 +174,15 @@ def _totals(plan) -> str:
     return "  " + ", ".join(f"{status.lower()} {n}" for status, n in counts.items())
 
 
-def _run_inverse(sources, out, family, variant, canonical, as_json):
+def _run_inverse(sources, out, family, variant, canonical, as_json, without_dropped=False):
     from . import api
 
     if len(sources) != 1:
         _fail("--inverse takes one converted folder or file")
     src = sources[0]
     out_file = out if out is not None and out.suffix else (out or Path(".")) / "upstream.pth.tar"
-    result = api.restore_checkpoint(src, out_file, family=family, variant=variant, canonical=canonical)
+    result = api.restore_checkpoint(src, out_file, family=family, variant=variant, canonical=canonical,
+                                    without_dropped=without_dropped)
     detection = result.detection
     if as_json:
         click.echo(json.dumps({"source": str(src), "out": str(out_file), "keys": len(result.state_dict),
@@ -201,9 +207,10 @@ def _run_demo(name, out, as_json):
     upstream = demo.demo_checkpoint(name, out / f"{name}-upstream.pth.tar")
     result = api.convert_checkpoint(upstream, out / f"{name}-compressai")
     restored_path = out / f"{name}-roundtrip.pth.tar"
-    restored = api.restore_checkpoint(result.out_dir, restored_path).state_dict
+    restored = api.restore_checkpoint(result.out_dir, restored_path, without_dropped=True).state_dict
     source = read_checkpoint(upstream)
-    original = {source.stored_key(k): v for k, v in source.state_dict.items()}  # as the file spells them
+    lost = {key for key, rule in result.plan.dropped if rule.restore_value is None}  # no way back for these
+    original = {source.stored_key(k): v for k, v in source.state_dict.items() if k not in lost}
     exact = list(restored) == list(original) and all(
         restored[k].dtype == original[k].dtype and torch.equal(restored[k], original[k]) for k in original
     )
@@ -217,7 +224,8 @@ def _run_demo(name, out, as_json):
         click.echo(_totals(result.plan))
         click.echo(f"  converted -> {result.out_dir}/ ({', '.join(f.name for f in result.files)})")
         click.echo(f"  converted back -> {restored_path}: "
-                   + ("bit-exact round trip" if exact else "ROUND TRIP DIFFERS"))
+                   + ("bit-exact round trip" if exact else "ROUND TRIP DIFFERS")
+                   + (f" (without the {len(lost)} keys dropped for good)" if lost else ""))
     if not exact:
         sys.exit(1)
 

@@ -34,7 +34,11 @@ def demo_checkpoint(name: str, path: Path, *, seed: int = 0) -> Path:
         "state_dict": [[e.key, list(e.shape), e.dtype, e.kind] for e in layout.entries],
     }
     state_dict = synth.state_dict_from_manifest(manifest, layouts.upstream_constants(name), seed=seed)
-    container = synth.checkpoint_container(state_dict, layout.meta["checkpoint_container"]["top_level_keys"])
+    # the key spelling the authors' training script writes (e.g. compressai <= 1.2.6 bottleneck names)
+    spelling = layout.meta.get("checkpoint_spelling", {})
+    container = synth.checkpoint_container(state_dict, layout.meta["checkpoint_container"]["top_level_keys"],
+                                           key_prefix=spelling.get("key_prefix", ""),
+                                           legacy_entropy_bottleneck=spelling.get("legacy_entropy_bottleneck", False))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(container, tmp)

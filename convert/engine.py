@@ -177,6 +177,29 @@ def stages_for(detection: Detection, direction: str) -> list[tuple[str, list[Rul
     return stages
 
 
+def unrestorable_rules(rules: Iterable[Rule]) -> list[Rule]:
+    """The ``drop`` rules without ``restore``: what they take from a source cannot be converted back
+    (e.g. a training-only branch the CompressAI layout has no place for)."""
+    return [r for r in rules if r.kind == "drop" and r.restore_value is None]
+
+
+def restorable_layout(layout: Layout | None, rules: Iterable[Rule]) -> tuple[Layout | None, list[str]]:
+    """An upstream ``layout`` without the keys an unrestorable drop rule takes, and those keys.
+
+    The way back can produce only the rest: a checkpoint the authors' code loads for inference
+    (their eval scripts load such checkpoints non-strictly), not the training checkpoint itself.
+    """
+    drops = unrestorable_rules(rules)
+    if layout is None or not drops:
+        return layout, []
+    gone = [e.key for e in layout.entries if any(r.match(e.key) is not None for r in drops)]
+    if not gone:
+        return layout, []
+    lost = set(gone)
+    kept = tuple(e for e in layout.entries if e.key not in lost)
+    return replace(layout, entries=kept), gone
+
+
 def alternative_of(rule: Rule, key: str) -> int:
     """Which of the rule's ``from:`` alternatives matches ``key`` first (the one the rule used)."""
     return next(i for i, pattern in enumerate(rule.sources) if pattern.match(key) is not None)

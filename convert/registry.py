@@ -50,6 +50,16 @@ class Configuration:
     def describe(self) -> str:
         return f"{self.family.name} {self.variant.name}"
 
+    @property
+    def input_multiple(self) -> int:
+        """The authors' model needs image sides that are multiples of this (mapping ``input.multiple``)."""
+        return int(self.family.extra["input"]["multiple"])
+
+    @property
+    def input_minimum(self) -> int:
+        """... and at least this large (mapping ``input.minimum``)."""
+        return int(self.family.extra["input"]["minimum"])
+
     def upstream_bytes(self) -> int:
         """The size of the tensors of an upstream checkpoint of this configuration (from its layout)."""
         import math

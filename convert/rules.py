@@ -31,7 +31,12 @@ from .patterns import KeyPattern, PatternError
 SCHEMA_VERSION = 1
 _TOP_KEYS = {
     "schema", "family", "version", "name", "title", "license", "upstream", "target", "extends",
-    "detect", "variables", "variants", "rules", "stages", "notes",
+    "detect", "variables", "variants", "rules", "stages", "notes", "input",
+}
+#: facts about the authors' model the verifier and the tests need, with the values most families have:
+#: ``input``: image sides must be multiples of ``multiple`` and at least ``minimum``
+MODEL_FACTS = {
+    "input": {"multiple": 128, "minimum": 256},
 }
 _RULE_KEYS = {"name", "from", "to", "ops", "fan_out", "drop", "reason", "restore", "synthesize", "for_each", "value", "note"}
 
@@ -270,6 +275,7 @@ def load_mapping(path: str | Path, *, text: str | None = None, _seen: tuple[str,
     variants = _parse_variants(data.get("variants"), file, parent, {v.name for v in variables}, data.line_of("variants"))
     stages = _parse_stages(data, file, parent, {v.name for v in variables})
 
+    facts = _parse_facts(data, file, parent)
     digest = hashlib.sha256((path.read_bytes() if text is None else text.encode())).hexdigest()
     return Mapping_(
         family=family,
@@ -287,7 +293,26 @@ def load_mapping(path: str | Path, *, text: str | None = None, _seen: tuple[str,
         stages=stages,
         notes=str(data.get("notes", "")),
         sha256=digest,
+        extra=facts,
     )
+
+
+def _parse_facts(data, file: str, parent) -> dict[str, dict[str, Any]]:
+    """The sections of :data:`MODEL_FACTS` (``input``), each completed with its defaults."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, defaults in MODEL_FACTS.items():
+        base = dict(parent.extra.get(section, defaults)) if parent else dict(defaults)
+        given = data.get(section, {})
+        if not isinstance(given, dict) or set(given) - set(defaults):
+            raise MappingError(f"{section!r} takes {sorted(defaults)}", file=file, line=data.line_of(section))
+        for key, value in given.items():
+            number = type(defaults[key]) is int
+            if type(value) is not type(defaults[key]) or (number and value < 1):
+                raise MappingError(f"'{section}.{key}' must be a {type(defaults[key]).__name__}"
+                                   + (" of at least 1" if number else ""),
+                                   file=file, line=data.line_of(section))
+        out[section] = {**base, **given}
+    return out
 
 
 def _pattern(text: Any, file: str, line: int, rule: str | None = None) -> KeyPattern:

@@ -80,10 +80,11 @@ def state_dict_from_manifest(
 
 
 def legacy_entropy_bottleneck_name(key: str) -> str:
-    """``entropy_bottleneck.matrices.0`` -> ``entropy_bottleneck._matrix0`` (compressai <= 1.2.6)."""
+    """``entropy_bottleneck.matrices.0`` -> ``entropy_bottleneck._matrix0`` (compressai <= 1.2.6), for
+    every module whose name ends in ``entropy_bottleneck`` (e.g. ``z_entropy_bottleneck``)."""
     parts = key.split(".")
-    if len(parts) >= 3 and parts[-3] == "entropy_bottleneck" and parts[-2] in _LEGACY_EB_NAMES:
-        return ".".join(parts[:-3] + ["entropy_bottleneck", _LEGACY_EB_NAMES[parts[-2]] + parts[-1]])
+    if len(parts) >= 3 and parts[-3].endswith("entropy_bottleneck") and parts[-2] in _LEGACY_EB_NAMES:
+        return ".".join(parts[:-2] + [_LEGACY_EB_NAMES[parts[-2]] + parts[-1]])
     return key
 
 

@@ -46,12 +46,14 @@ def convert(src: str | Path, out_dir: str | Path, *, family: str | None = None, 
 
 
 def restore(converted: str | Path, out_path: str | Path, *, canonical: bool = False, family: str | None = None,
-            variant: str | None = None) -> RestoreResult:
+            variant: str | None = None, without_dropped: bool = False) -> RestoreResult:
     """Write a converted folder (or ``model.safetensors``) back in the authors' layout.
 
     By default the keys are spelled as the original file spelled them (``module.`` prefixes, legacy
     entropy-bottleneck names, the container entry), so upstream -> CompressAI -> upstream gives back
-    the same keys and bit-identical tensors; ``canonical=True`` writes upstream's plain names.
+    the same keys and bit-identical tensors; ``canonical=True`` writes upstream's plain names.  When
+    the conversion dropped keys no rule can give back (a training-only branch), this refuses unless
+    ``without_dropped=True`` asks for the checkpoint without them (what the authors' eval code loads).
 
     >>> import lic_checkpoints as lic
     >>> result = lic.restore("converted/", "upstream.pth.tar")  # doctest: +SKIP
@@ -60,7 +62,8 @@ def restore(converted: str | Path, out_path: str | Path, *, canonical: bool = Fa
     """
     from lic_checkpoints.convert.api import restore_checkpoint
 
-    return restore_checkpoint(converted, out_path, canonical=canonical, family=family, variant=variant)
+    return restore_checkpoint(converted, out_path, canonical=canonical, family=family, variant=variant,
+                              without_dropped=without_dropped)
 
 
 def verify(src: str | Path, converted: str | Path | None = None, **options: Any) -> ParityReport:

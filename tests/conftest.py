@@ -305,6 +305,16 @@ ENTROPY_TABLES = (
     "gaussian_conditional.scale_table",
 )
 
+
+def entropy_table_keys(name: str) -> list[str]:
+    """Every entropy table the fixture of configuration ``name`` stores (upstream names): the
+    :data:`ENTROPY_TABLES` of each entropy model, wherever the model keeps it (e.g.
+    ``z_entropy_bottleneck.*``, or the tables of a training-only branch)."""
+    suffixes = tuple("." + table.partition(".")[2] for table in ENTROPY_TABLES)
+    modules = tuple(sorted({table.partition(".")[0] for table in ENTROPY_TABLES}))
+    return sorted(k for k in fixture_expected(name)
+                  if k.endswith(suffixes) and k.rsplit(".", 1)[0].endswith(modules))
+
 #: the forward tolerances recorded with the golden data (tests/data/README.md)
 FORWARD_TOL = dict(rtol=1e-4, atol=1e-4)
 LIKELIHOOD_TOL = dict(rtol=0.0, atol=1e-5)

@@ -38,6 +38,18 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+#: how the upstream training script spells the keys of most families: no prefix, current names
+PLAIN_SPELLING = {"key_prefix": "", "legacy_entropy_bottleneck": False}
+
+
+def checkpoint_spelling(manifest: dict) -> dict:
+    """The key spelling of the checkpoint the fixture's harness writes (``manifest.harness``): a
+    ``module.`` prefix, compressai <= 1.2.6 entropy-bottleneck names."""
+    harness = manifest.get("harness", {})
+    return {"key_prefix": harness.get("key_prefix", ""),
+            "legacy_entropy_bottleneck": bool(harness.get("rename_entropy_bottleneck_to_legacy", False))}
+
+
 def extract(data: Path, out: Path, names: list[str]) -> None:
     for name in names:
         target = _read_json(data / "targets" / f"{name}.json")
@@ -55,14 +67,17 @@ def extract(data: Path, out: Path, names: list[str]) -> None:
             "state_dict": rows,
         }, indent=0))
         recipe = {k: manifest["recipe"][k] for k in ("name", "seed", "gain", "matrix_scale", "vector_scale")}
-        (folder / "upstream.json").write_text(json.dumps({
+        upstream = {
             "name": name,
             "upstream": manifest["upstream"],
             "constructor_kwargs": manifest["constructor_kwargs"],
             "checkpoint_container": {"top_level_keys": manifest["checkpoint_container"]["top_level_keys"]},
-            "recipe": recipe,
-            "state_dict": manifest["state_dict"],
-        }, indent=0))
+        }
+        spelling = checkpoint_spelling(manifest)
+        if spelling != PLAIN_SPELLING:  # recorded only where the training script writes other names
+            upstream["checkpoint_spelling"] = spelling
+        upstream.update(recipe=recipe, state_dict=manifest["state_dict"])
+        (folder / "upstream.json").write_text(json.dumps(upstream, indent=0))
         shutil.copyfile(data / "fixtures" / name / "constants.safetensors", folder / "upstream_constants.safetensors")
 
 

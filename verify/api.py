@@ -396,7 +396,9 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
             report.tiers.append(TierResult("T2", "entropy coding", skipped=(
                 f"the coded decisions of {type(tgt_model).__name__} cannot be observed ({view.missing})")))
         elif "T2" in wanted:
-            report.tiers.append(tier2(test_images, ref_sides, tgt_sides, detection.variables.get("K", 5), table, tol))
+            groups = getattr(tgt_model.latent_codec.y, "groups", None)  # slice widths (may be uneven)
+            slices = [int(g) for g in groups] if groups is not None else detection.variables.get("K", 5)
+            report.tiers.append(tier2(test_images, ref_sides, tgt_sides, slices, table, tol))
             if not isinstance(reference, _AuthorsCode):
                 report.tiers[-1].checks.insert(0, tables)
         if "T3" in wanted:

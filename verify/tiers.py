@@ -138,9 +138,12 @@ def tier0(plan: engine.Plan, source: Mapping[str, torch.Tensor], converted: Mapp
     stored_as = stored_as or {}
     spelling = convert_api.source_spelling(plan, list(source), stored_as, upstream_layout,
                                            source_dtype=lambda key: str(source[key].dtype).removeprefix("torch."))
+    # keys a rule dropped with no way back (a training-only branch) are not expected back
+    restorable, _ = engine.restorable_layout(upstream_layout, detection.mapping.rules)
+    lost = {key: rule for key, rule in plan.dropped if rule.restore_value is None}
     problems: list[str] = []
     try:
-        inverse = engine.plan(converted, detection, upstream_layout, direction=engine.INVERSE,
+        inverse = engine.plan(converted, detection, restorable, direction=engine.INVERSE,
                               alternatives=spelling.alternatives)
     except LicError as exc:
         inverse, problems = None, [str(exc)]
@@ -153,7 +156,7 @@ def tier0(plan: engine.Plan, source: Mapping[str, torch.Tensor], converted: Mapp
             named = convert_api.spelled_steps(inverse, spelling, "the converted tensors")
         except LicError as exc:
             named, problems = [], [str(exc)]
-        as_read = {stored_as.get(k, k): k for k in source}  # stored key -> key in ``source``
+        as_read = {stored_as.get(k, k): k for k in source if k not in lost}  # stored key -> key in ``source``
         restored_keys = [key for key, _ in named]
         if not problems and restored_keys != list(as_read):
             problems.append(_key_difference(restored_keys, list(as_read)))
@@ -164,10 +167,16 @@ def tier0(plan: engine.Plan, source: Mapping[str, torch.Tensor], converted: Mapp
                 problems.append(f"{key}: the round trip does not give back the source tensor")
                 break
             restored_ok += 1
+    not_restorable = ""
+    if lost:
+        rules = sorted({rule.name for rule in lost.values()})
+        not_restorable = (f"; {len(lost)} source keys dropped by rule {', '.join(repr(r) for r in rules)} "
+                          "cannot be restored and are not compared")
     result.checks.append(Check(
         "inverse round trip", not problems,
-        f"upstream -> CompressAI -> upstream bit-exact for {restored_ok} tensors" if not problems else problems[0],
-        {"restored": restored_ok,
+        f"upstream -> CompressAI -> upstream bit-exact for {restored_ok} tensors{not_restorable}" if not problems
+        else problems[0],
+        {"restored": restored_ok, "not_restorable": len(lost),
          # the source's spelling the keys were compared in
          "key_prefix": spelling.key_prefix,
          "alternatives": {name: index for name, index in sorted(spelling.alternatives.items()) if index},
@@ -317,8 +326,9 @@ def entropy_tables_check(stored: Mapping[str, torch.Tensor], rebuilt: Mapping[st
                                                                                     "differing": differing})
 
 
-def tier2(images, ref_sides: list[CodedSide], tgt_sides: list[CodedSide], num_slices: int,
+def tier2(images, ref_sides: list[CodedSide], tgt_sides: list[CodedSide], num_slices: int | list[int],
           scale_table: torch.Tensor, tol: Tolerances) -> TierResult:
+    """``num_slices``: the number of equal channel slices, or the list of slice widths."""
     result = TierResult("T2", "entropy coding")
     for img, ref, tgt in zip(images, ref_sides, tgt_sides):
         decisions = _compare_symbols(img.name, ref, tgt, num_slices, scale_table, tol)
@@ -373,11 +383,15 @@ def _compare_symbols(name, ref: CodedSide, tgt: CodedSide, num_slices, table, to
     else:
         checks.append(Check(f"{name}: z symbols", True, f"{ref.symbols_z.numel()} equal"))
     forced = tgt.in_reference_context
-    width = ref.symbols_y.shape[1] // num_slices
+    if isinstance(num_slices, int):
+        widths = [ref.symbols_y.shape[1] // num_slices] * num_slices
+    else:
+        widths, num_slices = [int(w) for w in num_slices], len(num_slices)
+    starts = [sum(widths[:k]) for k in range(num_slices)]
     free_running_equal = bool((ref.symbols_y == tgt.symbols_y).all() and (ref.indexes_y == tgt.indexes_y).all())
     diverged_at = None
     for k in range(num_slices):
-        sl = slice(k * width, (k + 1) * width)
+        sl = slice(starts[k], starts[k] + widths[k])
         label = f"{name}: slice {k} symbols and scale indexes"
         if forced is None and (diverged_at is not None or not z_ok or bool(z_diff.any())):
             checks.append(Check(label, z_ok and (diverged_at is None or checks[-1].passed),

@@ -34,10 +34,16 @@ def guess_layout(state_dict: Mapping[str, Any]) -> str:
     def has(prefix: str = "", infix: str = "") -> bool:
         return any(k.startswith(prefix) and infix in k for k in keys)
 
-    if has(infix="dt_cross_attention.") or has(infix="cc_mean_transforms."):
+    if has(infix="dt_cross_attention.") or has(infix="cc_mean_transforms.") or has(infix="mean_NAF_transforms."):
         return "an upstream (unconverted) checkpoint"
+    if has("patch_embed.") and has("syn_layers."):
+        return "STF"
+    if has(infix=".conv_b.0.attn.attn."):  # window attention inside master's WMSA wrapper
+        return "WACNN"
     if has("g_a.auxiliary_layers.") or has("AuxT_enc."):
         return "TCM+AuxT"
+    if has(infix=".mean_support_transform.input_projection."):  # NAF support transforms (TCM's are SWAtten)
+        return "CCA"
     if has(infix=".mean_support_transform."):
         return "TCM"
     if has("aux_enc."):

@@ -45,20 +45,21 @@ def ste_round(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def check_upstream_input_size(x: Tensor) -> None:
+def check_upstream_input_size(x: Tensor, multiple: int = INPUT_MULTIPLE, minimum: int = INPUT_MINIMUM) -> None:
     """Raise ``ValueError`` for image sizes the upstream models cannot process.
 
     Upstream crashes inside window attention (or silently pads and then fails a reshape) unless
-    both H and W are multiples of 128 and at least 256; we refuse such inputs up front.
+    both H and W are multiples of 128 and at least 256; we refuse such inputs up front.  Models
+    without window attention pass their own ``multiple`` and ``minimum``.
     """
     if x.dim() != 4:
         raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
     height, width = x.shape[-2:]
     for name, size in (("height", height), ("width", width)):
-        if size < INPUT_MINIMUM or size % INPUT_MULTIPLE:
+        if size < minimum or size % multiple:
             raise ValueError(
                 f"input {name} {size} is not supported by the upstream model: height and width must "
-                f"be multiples of {INPUT_MULTIPLE} and at least {INPUT_MINIMUM} "
+                f"be multiples of {multiple} and at least {minimum} "
                 f"(pad the image first, as the upstream eval scripts do)"
             )
 
