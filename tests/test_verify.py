@@ -79,6 +79,31 @@ def test_user_images_are_padded_like_upstream_eval(tmp_path):
     assert torch.equal(img.unpad(img.x), torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255)
 
 
+def test_images_follow_the_input_sides_the_mapping_declares(checkpoints, tmp_path):
+    """A family whose authors' model takes sides that are multiples of 64 (``input:`` in its mapping)
+    is verified on such images: padded to 64 from files, accepted as stored from safetensors."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from lic_checkpoints.convert import registry
+    from lic_checkpoints.verify import images
+    from lic_checkpoints.verify.api import verify_checkpoint
+
+    rgb = (torch.rand(100, 300, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    (img,) = images.load(tmp_path, multiple=64, minimum=64)
+    assert img.x.shape == (1, 3, 128, 320) and img.crop == (14, 10, 100, 300)
+    save_file({"x": images.synthetic(0, 192, 320)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(images.LicError, match="multiples of 128, at least 256"):
+        images.load(tmp_path / "x.safetensors")
+    smaller = [c for c in registry.configurations() if c.input_multiple < 128]
+    if not smaller:
+        pytest.skip("no registered family takes sides smaller than multiples of 128")
+    conf = min(smaller, key=lambda c: c.upstream_bytes())
+    report = verify_checkpoint(checkpoints.path(conf.name), images=tmp_path / "x.safetensors", tiers=["T0"])
+    assert report.passed and report.inputs[0]["shape"] == [1, 3, 192, 320]
+
+
 def test_upstream_repo_reference_runs_in_its_own_process(checkpoints, tmp_path):
     """--upstream-repo imports `models.<module>` from a clone in a child process.
 

@@ -24,7 +24,8 @@ from lic_checkpoints.convert.errors import LicError
 from lic_checkpoints.convert.finite import all_finite
 
 from . import images as images_mod
-from .builders import build_target, build_upstream, canonical_upstream_names
+from . import device as device_mod
+from .builders import ModelCache, build_target, build_upstream, canonical_upstream_names
 from .report import ParityReport
 from .tiers import (OUTPUT_ORDER, CodedSide, Check, TierResult, Tolerances, compare_tensor, entropy_tables_check,
                     tier0, tier1, tier2, tier3)
@@ -206,12 +207,21 @@ def verify_checkpoint(
     upstream_repo: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     check_integrity: bool = True,
+    device: str | torch.device | None = "cpu",
+    models: ModelCache | None = None,
 ) -> ParityReport:
     """Check that the CompressAI-layout model computes what the upstream model computes.
 
     A converted file whose tensor data no longer hashes to the seal in its ``config.json`` is
     refused before anything else runs (``check_integrity=False`` skips that check).
+    ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``) is where the T1 forward of both models runs
+    (entropy coding stays on the CPU; see ``device.py``).  ``models``, a :class:`ModelCache`, reuses
+    the models of a configuration built for an earlier checkpoint (weights reassigned, not rebuilt).
     """
+    run_on = device_mod.resolve(device)
+    if device_mod.off_cpu(run_on) and (upstream_repo is not None or target != "ours"):
+        raise LicError(f"--device {run_on}: only our own reference and target models run off the CPU; "
+                       "use --device cpu with --upstream-repo or --target installed")
     tol = tolerances or Tolerances()
     if target not in ("ours", "installed"):
         raise LicError(f"target must be 'ours' or 'installed', got {target!r}")
@@ -233,7 +243,8 @@ def verify_checkpoint(
 
         installed_cls = target_class(detection.family, source="installed")
     conv = _load_converted(converted, plan, source, seal) if plan.ok else _Converted({}, {"origin": "not converted"})
-    test_images = images_mod.load(images)
+    facts = detection.mapping.extra.get("input", {})  # the sides the authors' model accepts
+    test_images = images_mod.load(images, **{k: facts[k] for k in ("multiple", "minimum") if k in facts})
     mapping = detection.mapping
     report = ParityReport(
         family=detection.family,
@@ -297,15 +308,18 @@ def verify_checkpoint(
         say("building both models")
         t = time.perf_counter()
         if upstream_repo is None:
-            reference = build_upstream(detection.family, detection.variant.upstream_kwargs, source.state_dict)
+            reference = (build_upstream if models is None else models.reference)(
+                detection.family, detection.variant.upstream_kwargs, source.state_dict)
         else:
             reference = _AuthorsCode(Path(upstream_repo), mapping, detection, source.state_dict)
         if tgt_model is None:
-            tgt_model = build_target(detection.family, detection.variant.target_kwargs, conv.tensors, source=target)
+            tgt_model = (build_target if models is None else models.target)(
+                detection.family, detection.variant.target_kwargs, conv.tensors, source=target)
         timings["build"] = time.perf_counter() - t
+        report.runtime = device_mod.runtime(run_on, "T2" in model_tiers or "T3" in model_tiers)
         if installed_cls is None:
             _run_model_tiers(report, model_tiers, reference, tgt_model, test_images, tol, timings, say,
-                             save_outputs, detection)
+                             save_outputs, detection, device=run_on)
         else:
             stage = ["T1: forward"]
 
@@ -352,12 +366,17 @@ class _AuthorsCode:
 
 
 def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, timings, say, save_outputs, detection,
-                     installed: bool = False):
+                     installed: bool = False, device: torch.device | None = None):
     t = time.perf_counter()
     say("T1: forward")
     coding = "T2" in wanted or "T3" in wanted
+    # off the CPU: T1 compares the device's outputs; coding needs a CPU forward (each side decodes to it)
+    on_device = device_mod.forward_on(device, reference, tgt_model, test_images, _forward) \
+        if device_mod.off_cpu(device) else None
     if isinstance(reference, _AuthorsCode):
         ref_out, authors_sides = reference.run(test_images, coding)
+    elif on_device is not None and not coding:
+        ref_out = on_device[0]
     else:
         ref_out = [_forward(reference, img.x, False) for img in test_images]
     view = None
@@ -366,11 +385,13 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
 
         view = MasterView(tgt_model)
         tgt_out = [view.forward(img.x) for img in test_images]
+    elif on_device is not None and not coding:
+        tgt_out = on_device[1]
     else:
         tgt_out = [_forward(tgt_model, img.x, True) for img in test_images]
     timings["forward"] = time.perf_counter() - t
     if "T1" in wanted:
-        report.tiers.append(tier1(test_images, ref_out, tgt_out, tol))
+        report.tiers.append(tier1(test_images, *(on_device or (ref_out, tgt_out)), tol))
         if view is not None:
             _installed_forward_rows(report, report.tiers[-1], view, test_images, ref_out, tgt_out, tol, detection)
     ref_sides = tgt_sides = None

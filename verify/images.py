@@ -3,9 +3,9 @@
 By default a built-in, deterministic set (no download): smooth colour patterns with a little seeded
 noise, the same formula the golden fixtures use, at 256x256 (the smallest size every upstream model
 accepts).  ``--images`` takes the user's own: a folder or list of image files (padded the way the
-upstream evaluation scripts pad: centred, zeros, to a multiple of 128 and at least 256; metrics are
-computed on the image cropped back), or a ``.safetensors`` file holding ``x`` [B, 3, H, W] in [0, 1],
-used exactly as stored.
+upstream evaluation scripts pad: centred, zeros, to the multiple and minimum side the family's mapping
+declares in ``input:``, 128 and 256 by default; metrics are computed on the image cropped back), or a
+``.safetensors`` file holding ``x`` [B, 3, H, W] in [0, 1], used exactly as stored.
 """
 
 from __future__ import annotations
@@ -63,11 +63,12 @@ def builtin(count: int = 2, size: int = 256) -> list[TestImage]:
     return [TestImage(f"synthetic-{i}", synthetic(i, size, size), (0, 0, size, size)) for i in range(count)]
 
 
-def pad_for_models(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Centred zero padding to a multiple of 128 and at least 256 per side (as upstream eval)."""
+def pad_for_models(x: torch.Tensor, multiple: int = MULTIPLE,
+                   minimum: int = MINIMUM) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Centred zero padding to a multiple of ``multiple`` and at least ``minimum`` per side (as upstream eval)."""
     _, _, h, w = x.shape
-    H = max(MINIMUM, -(-h // MULTIPLE) * MULTIPLE)
-    W = max(MINIMUM, -(-w // MULTIPLE) * MULTIPLE)
+    H = max(minimum, -(-h // multiple) * multiple)
+    W = max(minimum, -(-w // multiple) * multiple)
     top, left = (H - h) // 2, (W - w) // 2
     padded = F.pad(x, (left, W - w - left, top, H - h - top), mode="constant", value=0.0)
     return padded, (top, left, h, w)
@@ -86,13 +87,15 @@ def _read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
 
 
-def load(spec: str | Path | Sequence[str | Path] | None) -> list[TestImage]:
-    """The test images named by ``--images`` (None: the built-in set)."""
+def load(spec: str | Path | Sequence[str | Path] | None, *, multiple: int = MULTIPLE,
+         minimum: int = MINIMUM) -> list[TestImage]:
+    """The test images named by ``--images`` (None: the built-in set), for a model whose input sides
+    must be multiples of ``multiple`` and at least ``minimum``."""
     if spec is None:
         return builtin()
     paths = [Path(p) for p in ([spec] if isinstance(spec, (str, Path)) else spec)]
     if len(paths) == 1 and paths[0].name.endswith(".safetensors"):
-        return _from_safetensors(paths[0])
+        return _from_safetensors(paths[0], multiple, minimum)
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
@@ -105,12 +108,12 @@ def load(spec: str | Path | Sequence[str | Path] | None) -> list[TestImage]:
         raise LicError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
     out = []
     for f in files:
-        x, crop = pad_for_models(_read_image(f))
+        x, crop = pad_for_models(_read_image(f), multiple, minimum)
         out.append(TestImage(f.stem, x, crop))
     return out
 
 
-def _from_safetensors(path: Path) -> list[TestImage]:
+def _from_safetensors(path: Path, multiple: int, minimum: int) -> list[TestImage]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -122,7 +125,8 @@ def _from_safetensors(path: Path) -> list[TestImage]:
     if x is None or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
         raise LicError(f"{path}: expected a float tensor 'x' of shape [B, 3, H, W]")
     h, w = x.shape[-2:]
-    if h % MULTIPLE or w % MULTIPLE or h < MINIMUM or w < MINIMUM:
-        raise LicError(f"{path}: 'x' is {h}x{w}; the upstream models need sides that are multiples of 128, at least 256")
+    if h % multiple or w % multiple or h < minimum or w < minimum:
+        raise LicError(f"{path}: 'x' is {h}x{w}; this model needs sides that are multiples of {multiple}, "
+                       f"at least {minimum}; give image files instead to have them padded")
     x = x.float()
     return [TestImage(f"{path.stem}[{i}]", x[i: i + 1].contiguous(), (0, 0, h, w)) for i in range(x.shape[0])]
