@@ -34,6 +34,7 @@ REQUIREMENTS = [
     "PyWavelets>=1.4",
     "pytorch-msssim>=1.0",
     "pillow",
+    "tqdm>=4",
 ]
 
 

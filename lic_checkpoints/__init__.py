@@ -5,6 +5,7 @@ of parity with the authors' code.
 
     result = lic.convert("checkpoint_best.pth.tar", "converted/")   # model.safetensors + config.json
     report = lic.verify("checkpoint_best.pth.tar", "converted/")    # parity tiers T0-T3
+    release = lic.verify_release(["a.pth.tar", "b.pth.tar"], "out/") # a whole release, one report + rd.png
     net = lic.load("converted/")                                     # or lic.load("owner/name") from the Hub
     lic.restore("converted/", "upstream.pth.tar")                    # back to the authors' layout
     lic.push("converted/", "owner/name")                             # one Hub commit with the model card
@@ -21,11 +22,11 @@ import types
 
 from lic_checkpoints import convert as _convert_package  # noqa: E402
 from lic_checkpoints import verify as _verify_package  # noqa: E402
-from lic_checkpoints.api import LicError, load, push, restore  # noqa: E402
+from lic_checkpoints.api import LicError, load, push, restore, verify_release  # noqa: E402
 from lic_checkpoints.api import convert as _convert
 from lic_checkpoints.api import verify as _verify
 
-__all__ = ["LicError", "__version__", "convert", "load", "push", "restore", "verify"]
+__all__ = ["LicError", "__version__", "convert", "load", "push", "restore", "verify", "verify_release"]
 
 
 class _CallablePackage(types.ModuleType):

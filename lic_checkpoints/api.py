@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 
     from lic_checkpoints.convert.api import ConversionResult, RestoreResult
     from lic_checkpoints.publish.hub import PushResult
+    from lic_checkpoints.verify.release import ReleaseReport
     from lic_checkpoints.verify.report import ParityReport
 
-__all__ = ["LicError", "convert", "load", "push", "restore", "verify"]
+__all__ = ["LicError", "convert", "load", "push", "restore", "verify", "verify_release"]
 
 HF_SCHEME = "hf://"
 
@@ -82,6 +83,26 @@ def verify(src: str | Path, converted: str | Path | None = None, **options: Any)
     from lic_checkpoints.verify.api import verify_checkpoint
 
     return verify_checkpoint(src, converted, **options)
+
+
+def verify_release(sources: list[str | Path], out_dir: str | Path, **options: Any) -> ReleaseReport:
+    """Convert and verify every checkpoint of a release in one process (``lic-verify A B ... --out-dir OUT``).
+
+    Each checkpoint is converted into ``out_dir/<name>/`` (a valid conversion of the same source
+    already there is reused) and gets its parity report there; the set's report goes to
+    ``out_dir/release_report.json`` / ``.md`` and its rate-distortion plot to ``out_dir/rd.png``.
+    Checkpoints of one configuration share their models (weights reassigned, not rebuilt); one that
+    fails or cannot be read is reported in its row and the others still run.  Options are those of
+    :func:`lic_checkpoints.verify.release.verify_release` (``images``, ``tiers``, ``device``, ...).
+
+    >>> import lic_checkpoints as lic
+    >>> release = lic.verify_release(["q1.pth.tar", "q2.pth.tar"], "release/", images="kodak/")  # doctest: +SKIP
+    >>> release.passed, [row.verdict for row in release.rows]  # doctest: +SKIP
+    (True, ['passed', 'passed'])
+    """
+    from lic_checkpoints.verify.release import verify_release as run
+
+    return run(sources, out_dir, **options)
 
 
 def load(path_or_hub_id: str | Path, *, target: str = "ours", revision: str | None = None,

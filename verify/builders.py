@@ -190,3 +190,64 @@ def load_installed(cls: type[nn.Module], kwargs: Mapping[str, Any],
 
 def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def reassign(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Give a model built by :func:`build_on_meta` another checkpoint's tensors (same configuration):
+    strict ``load_state_dict`` by assignment, as the first load, without rebuilding the model.
+
+    Entropy tables ``update()`` filled for the previous checkpoint take the new state dict's shape
+    first (empty, as training saves them, or filled), as a freshly built model would hold them.
+    """
+    own = dict(model.named_buffers())
+    for key, value in state_dict.items():
+        mine = own.get(key)
+        if mine is not None and mine.shape != value.shape and (mine.numel() == 0 or value.numel() == 0):
+            owner, _, leaf = key.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module._buffers[leaf] = torch.empty(value.shape, dtype=mine.dtype, device=mine.device)
+    return _materialize(model, state_dict)
+
+
+class ModelCache:
+    """The two models of each configuration, built once and given each checkpoint's weights in turn
+    (:func:`reassign`): for verifying many checkpoints of one release in one process.
+
+    ``builds`` counts the models built (not reassigned).  Only our own classes are cached; the
+    installed compressai's are loaded through their own ``load_state_dict`` every time.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, nn.Module] = {}
+        self.builds = 0
+
+    @staticmethod
+    def _key(side: str, family: str, kwargs: Mapping[str, Any]) -> tuple:
+        return side, family, tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+
+    def _get(self, key: tuple, state_dict: Mapping[str, torch.Tensor], build) -> nn.Module:
+        model = self._models.get(key)
+        if model is None:
+            model = build()
+            self.builds += 1
+            self._models[key] = model
+            return model
+        try:
+            return reassign(model, state_dict)
+        except BaseException:
+            self._models.pop(key, None)  # half-assigned: build afresh next time
+            raise
+
+    def reference(self, family: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Our re-implementation of the authors' model of this configuration, holding ``state_dict``."""
+        names = canonical_upstream_names(state_dict)
+        return self._get(self._key("reference", family, kwargs), names,
+                         lambda: build_upstream(family, kwargs, state_dict))
+
+    def target(self, family: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
+               source: str = "ours") -> nn.Module:
+        """The CompressAI-layout model of this configuration, holding ``state_dict``."""
+        if source != "ours":
+            return build_target(family, kwargs, state_dict, source=source)
+        return self._get(self._key("target", family, kwargs), state_dict,
+                         lambda: build_target(family, kwargs, state_dict, source=source))

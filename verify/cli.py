@@ -32,8 +32,7 @@ def _tiers(value: str) -> list[str]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("source", required=False, type=click.Path(path_type=Path))
-@click.argument("converted", required=False)
+@click.argument("paths", nargs=-1, metavar="SOURCE [CONVERTED] | CHECKPOINT... --out-dir OUT")
 @click.option("--family", cls=ListedOption, listing=listed.families,
               help="Skip detection and treat SOURCE as this family ({names}).")
 @click.option("--images", "images", multiple=True, type=click.Path(path_type=Path),
@@ -60,6 +59,13 @@ def _tiers(value: str) -> list[str]:
               help="A stored JSON report: exit 1 if this run regresses against it (CI).")
 @click.option("--threads", type=int, default=2, show_default=True,
               help="torch CPU threads (results are compared at a fixed thread count).")
+@click.option("--out-dir", type=click.Path(path_type=Path),
+              help="Verify a release: every positional is a source checkpoint, each converted into OUT/<name>/ "
+                   "(a valid conversion already there is reused) with its parity report; the set's report "
+                   "goes to OUT/release_report.json / .md and OUT/rd.png. Exit 1 if any checkpoint fails.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where both models run the T1 forward (entropy coding stays on the CPU).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--demo", metavar="NAME", cls=ListedOption, listing=listed.configurations,
               help="Synthesize, convert and verify a published configuration ({names}): no download needed.")
 @click.option("--upstream-repo", type=click.Path(path_type=Path, exists=True, file_okay=False),
@@ -72,14 +78,15 @@ def _tiers(value: str) -> list[str]:
 @click.option("--skip-integrity-check", is_flag=True,
               help="Use CONVERTED even if its tensor data no longer hashes to the sha256 its config.json records.")
 @click.version_option(__version__, prog_name="lic-verify")
-def main(source, converted, family, images, tiers, target, forward_rtol, forward_atol, likelihood_rtol,
-         likelihood_atol, flip_margin, metric_atol, json_out, md_out, save_outputs, baseline, threads, demo,
-         upstream_repo, mapping, unsafe_trust_pickle, skip_integrity_check):
+def main(paths, family, images, tiers, target, forward_rtol, forward_atol, likelihood_rtol,
+         likelihood_atol, flip_margin, metric_atol, json_out, md_out, save_outputs, baseline, threads, out_dir,
+         device, quiet, demo, upstream_repo, mapping, unsafe_trust_pickle, skip_integrity_check):
     """Verify a converted checkpoint against the upstream model, tier by tier.
 
     SOURCE is the upstream checkpoint; CONVERTED (a lic-convert output folder, a .safetensors file, or
     hf://REPO_ID) is converted on the fly when absent.  When CONVERTED is a folder, the report is
-    also written there (parity_report.json, parity_report.md).
+    also written there (parity_report.json, parity_report.md).  With --out-dir, every positional is
+    a source checkpoint of one release (see --out-dir).
     """
     import torch
 
@@ -92,6 +99,16 @@ def main(source, converted, family, images, tiers, target, forward_rtol, forward
     torch.set_num_threads(max(1, threads))
     tol = Tolerances(forward_rtol=forward_rtol, forward_atol=forward_atol, likelihood_rtol=likelihood_rtol,
                      likelihood_atol=likelihood_atol, flip_margin=flip_margin, metric_atol=metric_atol)
+    if out_dir is not None:
+        _release(paths, out_dir, images=images, tiers=tier_list, tol=tol, device=device, family=family,
+                 target=target, trust_pickle=unsafe_trust_pickle, upstream_repo=upstream_repo,
+                 check_integrity=not skip_integrity_check, quiet=quiet,
+                 single_only={"--json": json_out, "--markdown": md_out, "--save-outputs": save_outputs,
+                              "--baseline": baseline, "--demo": demo, "--mapping": mapping})
+    if len(paths) > 2:
+        _fail(f"{len(paths)} paths given: give SOURCE [CONVERTED], or several checkpoints with --out-dir OUT")
+    source = Path(paths[0]) if paths else None
+    converted = paths[1] if len(paths) > 1 else None
     try:
         if demo:
             source, converted = _prepare_demo(demo)
@@ -107,12 +124,12 @@ def main(source, converted, family, images, tiers, target, forward_rtol, forward
                        err=True)
         from .api import verify_checkpoint
 
-        progress = (lambda m: click.echo(f"  … {m}", err=True)) if sys.stderr.isatty() else None
+        progress = (lambda m: click.echo(f"  … {m}", err=True)) if sys.stderr.isatty() and not quiet else None
         report = verify_checkpoint(source, converted, family=family, images=list(images) or None,
                                    tiers=tier_list, tolerances=tol, target=target, save_outputs=save_outputs,
                                    trust_pickle=unsafe_trust_pickle, mapping=mapping,
                                    upstream_repo=upstream_repo, progress=progress,
-                                   check_integrity=not skip_integrity_check)
+                                   check_integrity=not skip_integrity_check, device=device)
     except LicError as exc:
         _fail(str(exc))
     _emit(report, json_out, md_out, report_dir)
@@ -120,6 +137,30 @@ def main(source, converted, family, images, tiers, target, forward_rtol, forward
     if baseline is not None:
         code = max(code, _check_baseline(report, baseline))
     sys.exit(code)
+
+
+def _release(paths, out_dir, *, single_only, **options) -> None:
+    """``--out-dir``: verify every checkpoint in ``paths`` as one release (verify/release.py); exits."""
+    given = [name for name, value in single_only.items() if value]
+    if given:
+        _fail(f"{given[0]} is for one checkpoint; it does not go with --out-dir")
+    if not paths:
+        _fail("give the checkpoints of the release: lic-verify A.pth.tar B.pth.tar ... --out-dir OUT")
+    if options["trust_pickle"]:
+        click.echo("lic-verify: WARNING: --unsafe-trust-pickle: every checkpoint is fully unpickled and can run "
+                   "code", err=True)
+    from .release import verify_release
+
+    try:
+        release = verify_release([Path(p) for p in paths], out_dir, images=list(options.pop("images")) or None,
+                                 tolerances=options.pop("tol"), **options)
+    except LicError as exc:
+        _fail(str(exc))
+    for row in release.rows:
+        click.echo(f"{row.verdict:<7} {row.name}" + (f": {row.why}" if row.why else ""))
+    click.echo(f"release: {sum(r.passed for r in release.rows)}/{len(release.rows)} passed; wrote "
+               f"{out_dir / 'release_report.json'}, {out_dir / 'release_report.md'} and {out_dir / 'rd.png'}")
+    sys.exit(0 if release.passed else 1)
 
 
 def _emit(report, json_out, md_out, report_dir) -> None:
