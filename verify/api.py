@@ -124,6 +124,14 @@ def _reference_side(model, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
     )
 
 
+def _slice_gaussian(leaf):
+    """A slice leaf's GaussianConditional, wherever the leaf keeps it (master's checkerboard leaves
+    hold it one level down, under ``y.``)."""
+    from compressai.entropy_models import GaussianConditional
+
+    return next(m for m in leaf.modules() if isinstance(m, GaussianConditional))
+
+
 def _feeds_context(model) -> bool:
     """Whether the target's slice codec can predict a slice from a given context (ours can)."""
     codec = getattr(getattr(model, "latent_codec", None), "y", None)
@@ -412,7 +420,7 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
             tgt_sides = [_target_side(tgt_model, img.x, out, ref)
                          for img, out, ref in zip(test_images, tgt_out, ref_sides)]
         timings["coding"] = time.perf_counter() - t
-        table = tgt_model.latent_codec.y.latent_codec["y0"].gaussian_conditional.scale_table
+        table = _slice_gaussian(tgt_model.latent_codec.y.latent_codec["y0"]).scale_table
         if "T2" in wanted and view is not None and not view.observable:
             report.tiers.append(TierResult("T2", "entropy coding", skipped=(
                 f"the coded decisions of {type(tgt_model).__name__} cannot be observed ({view.missing})")))

@@ -36,6 +36,10 @@ def guess_layout(state_dict: Mapping[str, Any]) -> str:
 
     if has(infix="dt_cross_attention.") or has(infix="cc_mean_transforms.") or has(infix="mean_NAF_transforms."):
         return "an upstream (unconverted) checkpoint"
+    if has("global_intra_context.") or has("local_context."):  # MLIC++'s per-slice contexts at the root
+        return "an upstream (unconverted) checkpoint"
+    if has(infix=".spatial_context_nonanchor."):  # a multi-context checkerboard leaf per slice
+        return "MLIC++"
     if has("patch_embed.") and has("syn_layers."):
         return "STF"
     if has(infix=".conv_b.0.attn.attn."):  # window attention inside master's WMSA wrapper
