@@ -415,7 +415,10 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
             tables = entropy_tables_check(stored, _entropy_tables(reference))
             ref_sides = [_reference_side(reference, img.x, out) for img, out in zip(test_images, ref_out)]
         if view is not None:
-            tgt_sides = [_installed_side(view, img.x, out) for img, out in zip(test_images, tgt_out)]
+            # master's decompress never clamps; it is held to the reference's convention: clamped to
+            # [0, 1] where the authors' decompress clamps (then every decoded value lies inside)
+            clamp = all(bool(((s.decoded >= 0) & (s.decoded <= 1)).all()) for s in ref_sides)
+            tgt_sides = [_installed_side(view, img.x, out, clamp) for img, out in zip(test_images, tgt_out)]
         else:
             tgt_sides = [_target_side(tgt_model, img.x, out, ref)
                          for img, out, ref in zip(test_images, tgt_out, ref_sides)]
@@ -458,7 +461,7 @@ def _load_installed(detection, tensors) -> tuple[Any, str | None]:
         return None, str(error)
 
 
-def _installed_side(view, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
+def _installed_side(view, x: torch.Tensor, fwd: dict[str, Any], clamp: bool = True) -> CodedSide:
     """The installed model's coding results from its own ``compress``/``decompress``: its real strings
     (one rANS stream per slice) and the decisions behind them, observed while it coded (it does not
     return them).  It cannot be fed the reference's context, so slices are compared as coded."""
@@ -466,16 +469,18 @@ def _installed_side(view, x: torch.Tensor, fwd: dict[str, Any]) -> CodedSide:
     if not view.observable:  # rate and distortion only
         with torch.no_grad():
             enc = model.compress(x)
-            dec = model.decompress(enc["strings"], enc["shape"])["x_hat"].clamp(0, 1)
+            dec = model.decompress(enc["strings"], enc["shape"])["x_hat"]
+            dec = dec.clamp(0, 1) if clamp else dec
         empty = torch.empty(0)
         return CodedSide(empty, empty, empty, empty, empty, empty, dec, fwd["x_hat"],
                          nbytes=sum(len(s) for group in enc["strings"] for s in group),
                          streams=len(enc["strings"]))
     coded = view.compress(x)
     with torch.no_grad():
-        dec = model.decompress(coded["strings"], coded["shape"])["x_hat"].clamp(0, 1)
+        dec = model.decompress(coded["strings"], coded["shape"])["x_hat"]
+        dec = dec.clamp(0, 1) if clamp else dec
         y_slices = coded["y"].split(view.groups, dim=1)
-        gcs = [leaf.gaussian_conditional for leaf in view.leaves]
+        gcs = view.gaussians
         residual = [y - m for y, m in zip(y_slices, coded["means"])]
         eb = view.codec.z.entropy_bottleneck
         z_minus = coded["z"] - eb._get_medians()

@@ -152,3 +152,30 @@ def test_local_context_masks_with_minus_100():
     assert mask[0 * 4 + 1, centre, centre] == 0.0  # (row 0, column 1) is an anchor
     assert mask[0 * 4 + 0, centre, centre] == -100.0  # (row 0, column 0) is not
     assert mask[1 * 4 + 0, centre, centre] == 0.0  # (row 1, column 0) is an anchor
+
+
+@pytest.mark.master
+@pytest.mark.parametrize("conf", MLIC, ids=ids)
+def test_masters_checkerboard_codec_is_observed_and_matches(conf, tmp_path):
+    """CompressAI master's two-pass checkerboard leaf (MultiContextCheckerboardLatentCodec) is observed
+    through its own heads: lic-verify --target installed compares every slice's decisions as master
+    coded them (anchors and non-anchors put back in place) and passes every tier."""
+    from test_master import _verify, install_master
+
+    folder = install_master.default_dir()
+    problem = install_master.usable(folder)
+    if problem is not None:
+        pytest.skip(f"no CompressAI master: {problem}; build it with python tools/install_master.py")
+    from lic_checkpoints.convert import demo
+
+    source = demo.demo_checkpoint(conf.name, tmp_path / "checkpoint_best.pth.tar")
+    converted = api.convert_checkpoint(source, tmp_path / "converted").out_dir
+    code, report = _verify(folder, source, converted, conf, "T0,T1,T2,T3")
+    failures = [(t, c["name"], c["detail"]) for t, tier in report["tiers"].items() for c in tier["checks"]
+                if not c["passed"]]
+    assert code == 0 and report["passed"], failures
+    slices = [c for c in report["tiers"]["T2"]["checks"] if "symbols and scale indexes" in c["name"]]
+    assert len(slices) == conf.target_kwargs["slice_num"] * len(report["inputs"])
+    assert all(c["passed"] and not c["explained"] and "as coded" in c["detail"] for c in slices)
+    own = next(c for c in report["tiers"]["T2"]["checks"] if c["name"].endswith("target decodes its own streams"))
+    assert own["passed"] and own["values"]["max_abs"] < 1e-5, own

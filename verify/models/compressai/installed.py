@@ -105,6 +105,14 @@ def target_class(family: str, source: Source = "ours") -> type:
 #                                              Gaussian parameters (``chunks`` names their order)
 #                                              in forward, compress and decompress
 #
+# or, for a two-pass checkerboard leaf (anchors, then non-anchors: MultiContextCheckerboardLatentCodec):
+#
+#     leaf.y                                   its Gaussian-conditional codec, called in forward with
+#                                              the parameters of both passes in place (``chunks``)
+#     leaf.entropy_parameters_anchor / _nonanchor   called once each in compress, with the parameters
+#                                              of that pass's positions packed to half width; put back
+#                                              in place with master's own checkerboard ``embed``
+#
 # A model that lacks this structure still runs through every tier; the rows it cannot give are
 # reported as not compared.
 
@@ -120,17 +128,20 @@ class MasterView:
             self.codec = codec
             self.groups = [int(g) for g in codec.y.groups]
             self.leaves = [codec.y.latent_codec[f"y{k}"] for k in range(len(self.groups))]
+            #: where each slice's GaussianConditional and its parameter order live
+            self.gaussians = [_gaussian_codec(leaf).gaussian_conditional for leaf in self.leaves]
 
     @property
     def observable(self) -> bool:
         return self.missing is None
 
-    def _record(self):
-        """A context manager collecting, while it is open, what the observed modules see."""
+    def _record(self, mode: str = "forward"):
+        """A context manager collecting, while it is open, what the observed modules see while the
+        model's ``mode`` (``forward`` or ``compress``) runs."""
         import contextlib
 
         seen: dict[str, list] = {"y": [], "z": [], "params": [[] for _ in self.leaves],
-                                 "y_hat": [[] for _ in self.leaves]}
+                                 "y_hat": [[] for _ in self.leaves], "passes": [[] for _ in self.leaves]}
 
         # every hook returns None: the observed modules' outputs are left exactly as they are
         def hyper_analysis(module, args, output) -> None:
@@ -147,11 +158,27 @@ class MasterView:
                 seen["y_hat"][k].append(output["y_hat"])
             return hook
 
+        def parameters_in_place(k: int):
+            def hook(module, args, output) -> None:
+                seen["params"][k].append(args[1])
+            return hook
+
+        def packed_pass(k: int):
+            def hook(module, args, output) -> None:
+                seen["passes"][k].append(output)
+            return hook
+
         @contextlib.contextmanager
         def recording():
             handles = [self.codec.h_a.register_forward_hook(hyper_analysis)]
             for k, leaf in enumerate(self.leaves):
-                handles.append(leaf.entropy_parameters.register_forward_hook(gaussian_parameters(k)))
+                if not _is_checkerboard(leaf):
+                    handles.append(leaf.entropy_parameters.register_forward_hook(gaussian_parameters(k)))
+                elif mode == "forward":
+                    handles.append(leaf.y.register_forward_hook(parameters_in_place(k)))
+                else:
+                    for head in (leaf.entropy_parameters_anchor, leaf.entropy_parameters_nonanchor):
+                        handles.append(head.register_forward_hook(packed_pass(k)))
                 handles.append(leaf.register_forward_hook(decoded_slice(k)))
             try:
                 yield seen
@@ -163,8 +190,28 @@ class MasterView:
 
     def split(self, k: int, params) -> dict:
         """Slice ``k``'s Gaussian parameters by name (``scales``, ``means``), in the leaf's order."""
-        names = tuple(getattr(self.leaves[k], "chunks", ("scales", "means")))
+        names = tuple(getattr(_gaussian_codec(self.leaves[k]), "chunks", ("scales", "means")))
         return dict(zip(names, params.chunk(len(names), dim=1)))
+
+    def _collected(self, seen) -> list:
+        """Each slice's parameters in place: the one call seen, or a checkerboard leaf's two packed
+        passes (anchors, non-anchors) put back in place by master's own ``embed``."""
+        import torch
+
+        out = []
+        for k, leaf in enumerate(self.leaves):
+            passes = seen["passes"][k]
+            if passes:
+                from compressai.latent_codecs import checkerboard
+
+                if len(passes) != 2:
+                    raise LicError(f"{type(self.model).__name__}.compress did not run slice {k}'s two passes once")
+                out.append(checkerboard.embed(torch.stack(passes), anchor_parity=leaf.anchor_parity))
+            elif len(seen["params"][k]) == 1:
+                out.append(seen["params"][k][0])
+            else:
+                raise LicError(f"{type(self.model).__name__} did not compute slice {k}'s parameters once")
+        return out
 
     def forward(self, x) -> dict:
         """The model's own forward, plus what the report compares: ``para`` (``y``, ``means``,
@@ -175,11 +222,11 @@ class MasterView:
             if not self.observable:
                 out = self.model(x)
                 return {"x_hat": out["x_hat"], "likelihoods": dict(out["likelihoods"])}
-            with self._record() as seen:
+            with self._record("forward") as seen:
                 out = self.model(x)
-        if len(seen["y"]) != 1 or any(len(p) != 1 for p in seen["params"]):
+        if len(seen["y"]) != 1:
             raise LicError(f"{type(self.model).__name__}.forward did not run each observed module once")
-        parts = [self.split(k, p[0]) for k, p in enumerate(seen["params"])]
+        parts = [self.split(k, p) for k, p in enumerate(self._collected(seen))]
         return {
             "x_hat": out["x_hat"],
             "likelihoods": dict(out["likelihoods"]),
@@ -195,13 +242,24 @@ class MasterView:
 
         if not self.observable:
             raise LicError(f"cannot observe {type(self.model).__name__}: {self.missing}")
-        with torch.no_grad(), self._record() as seen:
+        with torch.no_grad(), self._record("compress") as seen:
             enc = self.model.compress(x)
-        if len(seen["y"]) != 1 or any(len(p) != 1 for p in seen["params"]):
+        if len(seen["y"]) != 1:
             raise LicError(f"{type(self.model).__name__}.compress did not run each observed module once")
-        parts = [self.split(k, p[0]) for k, p in enumerate(seen["params"])]
+        parts = [self.split(k, p) for k, p in enumerate(self._collected(seen))]
         return {"strings": enc["strings"], "shape": enc["shape"], "y": seen["y"][0], "z": seen["z"][0],
                 "means": [p["means"] for p in parts], "scales": [p["scales"] for p in parts]}
+
+
+def _is_checkerboard(leaf) -> bool:
+    """A two-pass checkerboard leaf: a head per pass and a Gaussian-conditional codec at ``leaf.y``."""
+    return (all(hasattr(leaf, a) for a in ("entropy_parameters_anchor", "entropy_parameters_nonanchor", "anchor_parity"))
+            and hasattr(getattr(leaf, "y", None), "gaussian_conditional"))
+
+
+def _gaussian_codec(leaf):
+    """The module holding a leaf's ``gaussian_conditional`` (and its ``chunks``)."""
+    return leaf.y if _is_checkerboard(leaf) else leaf
 
 
 def _structure_problem(model) -> str | None:
@@ -215,8 +273,9 @@ def _structure_problem(model) -> str | None:
         return "no channel-groups codec at latent_codec.y"
     for k in range(len(y.groups)):
         leaf = leaves[f"y{k}"] if f"y{k}" in leaves else None
-        if leaf is None or not hasattr(leaf, "entropy_parameters") or not hasattr(leaf, "gaussian_conditional"):
-            return f"latent_codec.y.latent_codec.y{k} is not a Gaussian-conditional leaf"
+        plain = hasattr(leaf, "entropy_parameters") and hasattr(leaf, "gaussian_conditional")
+        if leaf is None or not (plain or _is_checkerboard(leaf)):
+            return f"latent_codec.y.latent_codec.y{k} is neither a Gaussian-conditional nor a two-pass checkerboard leaf"
     if not hasattr(getattr(codec, "z", None), "entropy_bottleneck"):
         return "no entropy bottleneck at latent_codec.z"
     return None
