@@ -169,8 +169,8 @@ def render(results: list[dict], meta: dict) -> str:
         "`lic-verify SRC --target installed` and `lic.load(folder, target=\"installed\")` use master's own classes:",
         "",
         "```bash",
-        "pip install compressai-temp          # master into the environment (its compressai package takes the "
-        "place of PyPI's), or",
+        "pip install compressai-temp && pip install -e .   # master first: setup.py then leaves PyPI's compressai "
+        "out, or",
         "export PYTHONPATH=$(python tools/install_master.py)   # master in a folder of its own, first on the path",
         "lic-verify checkpoint_best.pth.tar converted/ --target installed",
         "```",
@@ -183,11 +183,13 @@ def render(results: list[dict], meta: dict) -> str:
         "",
         "How the verifier runs master without changing it: master's `forward` returns only `x_hat` and "
         "`likelihoods`, so `y`, each slice's `means` and `scales` and each slice's decoded `y_hat` are observed "
-        "with forward hooks on its modules (`latent_codec.h_a`, each slice leaf's `entropy_parameters`). T2 uses "
+        "with forward hooks on its modules (`latent_codec.h_a`, each slice leaf's `entropy_parameters`, or a "
+        "two-pass checkerboard leaf's Gaussian-conditional codec and its anchor and non-anchor heads, whose packed "
+        "parameters master's own `embed` puts back in place). T2 uses "
         "master's own `update`/`compress`/`decompress` (one rANS stream per slice, plus one for z); master's codecs "
         "cannot be fed the reference's context, so slices are compared as coded, and after a divergence the later "
         "slices are reported as not compared. Master's `decompress` does not clamp `x_hat`; T2 and T3 clamp it to "
-        "[0, 1] as eval scripts do. A divergence fails at the first tensor in data-flow order (y, z, then slice by "
+        "[0, 1] where the authors' `decompress` clamps (every family here but MLIC++). A divergence fails at the first tensor in data-flow order (y, z, then slice by "
         "slice means, scales, likelihoods and the decoded y_hat the next slice is predicted from, then x_hat), and "
         "the failing row's name, which the summary line repeats, names that step.",
         "",
