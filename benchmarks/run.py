@@ -560,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 runs, only the largest configuration for the single-file section, verify at 256 px only")
     parser.add_argument("--runs", type=int, default=None, help="measured runs per number (default 5; 3 with --quick)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--configurations", default=None,
+                        help="comma-separated configurations for the single-file and master sections "
+                             "(default: the largest of each family; with --quick the largest of all)")
     parser.add_argument("--sections", default="single,many,scaling,verify,master",
                         help="comma-separated subset of single,many,scaling,verify,master")
     args = parser.parse_args(argv)
@@ -573,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         bench = Bench(work, runs)
         bench.clean_out()
-        single = QUICK_SET if args.quick else FULL_SET
+        single = tuple(args.configurations.split(",")) if args.configurations else QUICK_SET if args.quick else FULL_SET
         many = (SMALL,) * 4  # per-process costs are what this section measures: the smallest file shows them best
         print(f"synthesizing {', '.join(sorted({*single, *many, SMALL, LARGE, VERIFY_MODEL}))} into {work} ...")
         run_child(child_argv("synthesize", work, *sorted({*single, *many, SMALL, LARGE, VERIFY_MODEL})))
