@@ -28,7 +28,8 @@ __all__ = ["SealMismatchError", "DataHasher", "check_seal", "tensor_data_sha256"
 
 #: where ``config.json`` records the digest
 SEAL_SECTION, SEAL_KEY = "output", "tensor_data_sha256"
-_CHUNK = 1 << 22
+#: read-back buffer of the hashing thread: 1 MiB keeps its memory small and hashlib at full speed
+_CHUNK = 1 << 20
 
 
 class SealMismatchError(CheckpointError):

@@ -241,7 +241,7 @@ def write_safetensors(
                 out = _Output(fd)
                 out.write(struct.pack("<Q", reserved) + blob.ljust(reserved))
                 hasher = DataHasher(tmp, 8 + reserved)
-                done = 0
+                done = told = 0
                 for key, shape, dtype in entries:
                     value = produce(key)
                     if isinstance(value, FileRange):
@@ -254,7 +254,8 @@ def write_safetensors(
                         nbytes = data.nbytes
                         out.write(data)
                     done += nbytes
-                    hasher.written(done)
+                    if done - told >= HASH_STEP:  # wake the hashing thread per few MB, not per tensor
+                        hasher.written(told := done)
                     if progress is not None:
                         progress(nbytes)
                 hasher.finish(done)
@@ -282,6 +283,8 @@ class Written:
     tensor_data_sha256: str
 
 
+#: how much is written before the hashing thread is told (it follows the writer by up to this much)
+HASH_STEP = 8 << 20
 #: extra header room kept for metadata known only at the end (a safetensors header may end in spaces)
 HEADER_SLACK = 64
 
