@@ -9,7 +9,9 @@ environment being installed into already has a ``compressai`` package from a dis
 (a fresh environment, or PyPI's compressai already there) it is required as usual.
 
 ``LIC_COMPRESSAI_REQUIREMENT`` overrides the choice: a requirement to use instead (e.g.
-``compressai==1.2.8``), or an empty value for none.
+``compressai==1.2.8``), or an empty value for none.  The choice is made where the package is built:
+it holds for installs from source (a checkout, ``-e .``, git, an sdist), not for a wheel built
+elsewhere, whose metadata is fixed (install such a wheel with ``--no-deps`` beside master).
 """
 
 from __future__ import annotations
