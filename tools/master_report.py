@@ -189,7 +189,7 @@ def render(results: list[dict], meta: dict) -> str:
         "master's own `update`/`compress`/`decompress` (one rANS stream per slice, plus one for z); master's codecs "
         "cannot be fed the reference's context, so slices are compared as coded, and after a divergence the later "
         "slices are reported as not compared. Master's `decompress` does not clamp `x_hat`; T2 and T3 clamp it to "
-        "[0, 1] where the authors' `decompress` clamps (every family here but MLIC++). A divergence fails at the first tensor in data-flow order (y, z, then slice by "
+        "[0, 1] where the authors' `decompress` clamps (where the reference side's decoded images lie in [0, 1]). A divergence fails at the first tensor in data-flow order (y, z, then slice by "
         "slice means, scales, likelihoods and the decoded y_hat the next slice is predicted from, then x_hat), and "
         "the failing row's name, which the summary line repeats, names that step.",
         "",
