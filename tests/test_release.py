@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import remove_tree
 from lic_checkpoints.convert import registry
 from lic_checkpoints.convert.demo import demo_checkpoint
 from lic_checkpoints.verify import builders, release
@@ -42,7 +43,8 @@ def inputs(tmp_path_factory):
     rgb = np.clip(rgb + 0.03 * rng.standard_normal(rgb.shape), 0, 1)
     (folder / "images").mkdir()
     Image.fromarray((rgb * 255).astype(np.uint8)).save(folder / "images" / "one.png")
-    return a, b, folder / "images"
+    yield a, b, folder / "images"
+    remove_tree(folder)  # two full-size checkpoints: gone before the next module's files arrive
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,8 @@ def acceptance(inputs, tmp_path_factory):
         code, stdout, stderr = run([a, b, "--out-dir", out, "--images", images, "--tiers", "T1,T3"])
     finally:
         builders.build_on_meta = original
-    return code, stdout, stderr, out, built
+    yield code, stdout, stderr, out, built
+    remove_tree(out.parent)
 
 
 def test_two_checkpoints_one_release(acceptance):

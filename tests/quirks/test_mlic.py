@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from conftest import (
     CONFIGURATIONS,
+    remove_tree,
     fixture_dir,
     fixture_expected,
     fixture_input,
@@ -98,7 +99,9 @@ def golden_target(checkpoints, tmp_path_factory):
     conf = MLIC[0]
     out = tmp_path_factory.mktemp("mlic") / "converted"
     api.convert_checkpoint(checkpoints.path(conf.name), out)
-    return conf, load_converted(out)
+    model = load_converted(out)
+    remove_tree(out.parent)  # the model holds its own tensors: the file need not stay for the session
+    return conf, model
 
 
 def test_scales_come_first_then_means(golden_target, threads):
