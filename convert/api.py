@@ -271,6 +271,13 @@ class ConversionResult:
     bytes_written: int = 0
     tensor_data_sha256: str | None = None  # the seal of model.safetensors (see seal.py)
     spelling: Spelling | None = None  # how the source spelled its keys (set once the plan is complete)
+    _summary: dict[str, Any] | None = field(default=None, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The load report's summary of the plan (made once: ``config.json`` is built up to three times)."""
+        if self._summary is None:
+            self._summary = report.summary(self.plan)
+        return self._summary
 
     @property
     def family(self) -> str:
@@ -358,7 +365,7 @@ def build_config(result: ConversionResult, *, source_sha256: str | None = None) 
             "spelling": result.spelling.to_json() if result.spelling is not None else None,
             "dropped": dropped_record(result.plan),
         },
-        "report": report.summary(result.plan),
+        "report": result.summary(),
         "dtypes_preserved": result.plan.dtype_notes,
         "non_finite_tensors": result.non_finite,
         **({seal.SEAL_SECTION: {"file": MODEL_FILE, seal.SEAL_KEY: result.tensor_data_sha256}}

@@ -145,7 +145,7 @@ def _convert_one(src, out_dir, family, output_format, trust_pickle, as_json, ful
         "variables": result.detection.variables,
         "out_dir": str(out_dir),
         "files": [str(f) for f in result.files],
-        "report": report.summary(result.plan),
+        "report": result.summary(),
         "non_finite_tensors": result.non_finite,
         "dtypes_preserved": result.plan.dtype_notes,
         "ignored_container_entries": result.source.ignored_entries,
@@ -200,7 +200,7 @@ def _run_inverse(sources, out, family, variant, canonical, as_json, without_drop
 def _run_demo(name, out, as_json):
     import torch
 
-    from . import api, demo, report
+    from . import api, demo
     from .checkpoint import read_checkpoint
 
     name = demo.resolve(name)
@@ -217,7 +217,7 @@ def _run_demo(name, out, as_json):
     if as_json:
         click.echo(json.dumps({"demo": name, "upstream": str(upstream), "converted": str(result.out_dir),
                                "roundtrip": str(restored_path), "roundtrip_bit_exact": exact,
-                               "report": report.summary(result.plan)}, indent=2))
+                               "report": result.summary()}, indent=2))
     else:
         click.echo(f"demo {name}: synthesized upstream checkpoint {upstream}")
         click.echo(f"  detected {result.detection.describe()}")

@@ -238,6 +238,16 @@ def _spellings(detection: Detection, alternatives: Mapping[str, int]) -> dict[st
 # --- planning ------------------------------------------------------------------------------------
 
 
+def _evolve(obj, **changes):
+    """``dataclasses.replace`` for the plain frozen records of a plan (no ``__post_init__``), without
+    running ``__init__`` again: planning makes one per key per stage, and this is several times faster."""
+    if not changes.keys() <= obj.__dict__.keys():
+        raise TypeError(f"{type(obj).__name__} has no field {sorted(changes.keys() - obj.__dict__.keys())[0]!r}")
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__, **changes)
+    return new
+
+
 def _apply_ops(ops: tuple[Op, ...], tensor, env: Mapping[str, Any]):
     for op in ops:
         tensor = op.apply(tensor, env)
@@ -288,7 +298,7 @@ def plan(
         if len(found) > 1:
             result.collisions.append((target, tuple(dict.fromkeys(r.name for e in found for r in e.step.rules[-1:]))))
     steps = {
-        t: replace(found[0].step, target=t, shape=tuple(found[0].meta.shape), dtype=found[0].meta.dtype,
+        t: _evolve(found[0].step, target=t, shape=tuple(found[0].meta.shape), dtype=found[0].meta.dtype,
                    spelled=found[0].spelled if found[0].spelled not in ("", t) else None)
         for t, found in produced.items()
     }
@@ -347,8 +357,9 @@ def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan
     out: list[_Entry] = []
     fan_in: dict[tuple[str, str], list[_Entry]] = {}
     checked: list[tuple[_Entry, Rule, dict]] = []
+    matcher = _RuleIndex(rules)
     for e in entries:
-        rule, captures = _first_match(rules, e.key)
+        rule, captures = matcher.first_match(e.key)
         if rule is not None and len(rule.sources) > 1:
             counts = result.alternatives.setdefault(rule.name, {})
             index = alternative_of(rule, e.key)
@@ -371,7 +382,7 @@ def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan
             fan_names = {name for name, _ in rule.fan_out}
             target = rule.target.format({k: v for k, v in captures.items() if k not in fan_names})
             spelled = _spell(rule, rule.target, rule.source, e, captures, spell, tuple(fan_names))
-            fan_in.setdefault((target, rule.name), []).append(replace(e, spelled=spelled))
+            fan_in.setdefault((target, rule.name), []).append(_evolve(e, spelled=spelled))
             continue
         if rule.fan_out:
             (name, count_expr), = rule.fan_out
@@ -382,14 +393,14 @@ def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan
                 continue
             for j in range(count):
                 target = rule.target.format({**captures, name: j})
-                out.append(_Entry(target, replace(e.step, rules=rules_so_far, fan_out=True), e.meta))
+                out.append(_Entry(target, _evolve(e.step, rules=rules_so_far, fan_out=True), e.meta))
             continue
         try:
             meta = _apply_ops(rule.ops, e.meta, env)
         except (OpError, expr.ExprError) as exc:
             result.mismatched.append(Mismatch(e.key, f"rule {rule.name!r} ({rule.describe_ops()})", str(exc)))
             continue
-        step = replace(e.step, rules=rules_so_far, transforms=e.step.transforms + ((rule.ops, env),))
+        step = _evolve(e.step, rules=rules_so_far, transforms=e.step.transforms + ((rule.ops, env),))
         spelled = _spell(rule, rule.target, rule.source, e, captures, spell)
         out.append(_Entry(rule.target.format(captures), step, meta, spelled))
 
@@ -397,7 +408,7 @@ def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan
         rule = next(r for r in rules if r.name == rule_name and r.kind == "fan_in")
         first = group[0]
         sources = tuple(s for e in group for s in e.step.sources)
-        step = replace(first.step, rules=first.step.rules + (rule,), sources=sources, fan_in=True)
+        step = _evolve(first.step, rules=first.step.rules + (rule,), sources=sources, fan_in=True)
         out.append(_Entry(target, step, first.meta, first.spelled))
 
     for rule in rules:
@@ -448,14 +459,32 @@ def _origin(step: Step) -> str:
     return step.sources[0] if step.sources else f"rule {step.rule.name!r}"
 
 
-def _first_match(rules: list[Rule], key: str) -> tuple[Rule | None, dict[str, Any]]:
-    for rule in rules:
-        if rule.kind == "synthesize":
-            continue
-        captures = rule.match(key)
-        if captures is not None:
-            return rule, captures
-    return None, {}
+class _RuleIndex:
+    """A stage's matching rules by the first dotted segment of the keys they can match.
+
+    A key is tried only against the rules whose patterns start with its first segment, and the
+    rules whose patterns start with a capture, in the stage's order: the same first match as
+    trying every rule, without running most of the patterns.
+    """
+
+    def __init__(self, rules: list[Rule]) -> None:
+        self._rules = [r for r in rules if r.kind != "synthesize"]
+        firsts: list[set[str] | None] = []
+        for rule in self._rules:
+            heads = [p.head for p in rule.sources]
+            firsts.append(None if any("." not in h for h in heads) else {h.split(".", 1)[0] for h in heads})
+        self._any = [r for r, f in zip(self._rules, firsts) if f is None]
+        self._by_first = {
+            segment: [r for r, f in zip(self._rules, firsts) if f is None or segment in f]
+            for segment in set().union(*(f for f in firsts if f is not None))
+        }
+
+    def first_match(self, key: str) -> tuple[Rule | None, dict[str, Any]]:
+        for rule in self._by_first.get(key.split(".", 1)[0], self._any):
+            captures = rule.match(key)
+            if captures is not None:
+                return rule, captures
+        return None, {}
 
 
 # --- producing tensors ---------------------------------------------------------------------------

@@ -30,6 +30,10 @@ class KeyPattern:
     names: tuple[str, ...] = field(init=False)
     types: tuple[str, ...] = field(init=False)
     _regex: re.Pattern = field(init=False, repr=False, compare=False)
+    #: the literal text before the first capture (a quick refusal before the regex)
+    _head: str = field(init=False, repr=False, compare=False)
+    #: the template as literal parts and capture names, alternately (literal first)
+    _pieces: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str) or not self.text:
@@ -56,12 +60,17 @@ class KeyPattern:
         if "{" in tail or "}" in tail:
             raise PatternError(f"stray brace in pattern {self.text!r}")
         parts.append(re.escape(tail))
+        pieces = _CAPTURE.split(self.text)  # literal, name, type, literal, name, type, ..., literal
+        object.__setattr__(self, "_head", pieces[0])
+        object.__setattr__(self, "_pieces", tuple(p for i, p in enumerate(pieces) if i % 3 != 2))
         object.__setattr__(self, "names", tuple(names))
         object.__setattr__(self, "types", tuple(types))
         object.__setattr__(self, "_regex", re.compile("".join(parts) + r"\Z", re.DOTALL))
 
     def match(self, key: str) -> dict[str, str | int] | None:
         """Captured values (ints for ``int`` captures), or None when the key does not match."""
+        if not key.startswith(self._head):
+            return None
         m = self._regex.match(key)
         if m is None:
             return None
@@ -69,14 +78,20 @@ class KeyPattern:
 
     def format(self, values: Mapping[str, object]) -> str:
         """Fill the captures from ``values``; a missing name is an error."""
-
-        def fill(m: re.Match) -> str:
-            name = m.group(1)
+        pieces = self._pieces
+        out = [pieces[0]]
+        for i in range(1, len(pieces), 2):
+            name = pieces[i]
             if name not in values:
                 raise PatternError(f"template {self.text!r} needs {name!r}, which the source pattern does not capture")
-            return str(values[name])
+            out.append(str(values[name]))
+            out.append(pieces[i + 1])
+        return "".join(out)
 
-        return _CAPTURE.sub(fill, self.text)
+    @property
+    def head(self) -> str:
+        """The literal text every matching key starts with (before the first capture)."""
+        return self._head
 
     @property
     def is_literal(self) -> bool:

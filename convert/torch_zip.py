@@ -1,10 +1,11 @@
 """Reading the structure of a torch zip checkpoint as data: no torch, and no pickle is ever run.
 
 A torch zip holds ``<name>/data.pkl`` (the pickled container, whose tensors refer to storages by key)
-and one record ``<name>/data/<key>`` per storage.  :func:`read_structure` walks the pickle's opcodes
-with :mod:`pickletools` and interprets a fixed, small subset of them itself: plain containers and
-numbers, ``OrderedDict``, torch's tensor rebuild call and its storage references.  Nothing is imported
-and nothing is called: a name outside that subset is never looked up, the reader just declines.
+and one record ``<name>/data/<key>`` per storage.  :func:`read_structure` decodes the pickle's
+opcodes itself, as torch's weights-only unpickler decodes them, and interprets a fixed, small subset:
+plain containers and numbers, ``OrderedDict``, torch's tensor rebuild call and its storage
+references.  Nothing is imported and nothing is called: a name outside that subset is never looked
+up, the reader just declines.
 
 It returns ``None`` for anything it does not know (other globals, other opcodes, compressed records,
 another byte order, odd archive records), and the caller then reads the file with
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-import pickletools
+import struct
 import sys
 import zipfile
 from collections import OrderedDict
@@ -445,7 +446,8 @@ def _read_pickle(data: bytes) -> _Reading | None:
     try:
         reading = _interpret(data)
         _name_tensors(reading)
-    except (_Decline, ValueError, KeyError, IndexError, TypeError, EOFError, RecursionError, OverflowError):
+    except (_Decline, ValueError, KeyError, IndexError, TypeError, EOFError, RecursionError, OverflowError,
+            struct.error):
         return None  # opcodes torch's safe unpickler reads differently or refuses, stack errors: torch decides
     except Exception:  # anything unexpected: leave the file to torch's reader and its messages
         return None
@@ -609,21 +611,33 @@ def _append(target: Any, items: list) -> None:
     target.extend(items)
 
 
-#: opcodes whose argument is the value itself (the ones torch's safe unpickler reads)
-_CONSTANTS = {"BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE"}
+_INT4, _UINT2, _UINT4, _FLOAT8 = struct.Struct("<i"), struct.Struct("<H"), struct.Struct("<I"), struct.Struct(">d")
 
 
 def _interpret(data: bytes) -> _Reading:
     """Run the pickle's opcodes the way torch's weights-only unpickler does, on plain values.
 
-    Only opcodes that unpickler accepts are followed (any other is declined: torch refuses it); the
-    stack, marks and memo behave as in that unpickler.  Values built by globals the reader does not
-    know stay opaque, and the reading is then declined, but its storages and tensors are still checked.
+    Only opcodes that unpickler accepts are followed (any other is declined: torch refuses it); each
+    argument is decoded as that unpickler decodes it, and the stack, marks and memo behave as in it.
+    A truncated argument is declined (``take``, or the IndexError and struct.error of a fixed-size
+    read past the end: :func:`_read_pickle` declines those; torch then reports the damage).  Values built by globals the
+    reader does not know stay opaque, and the reading is then declined, but its storages and tensors
+    are still checked.  The opcodes are tested most frequent first (a state dict's pickle is mostly
+    memo traffic, small ints, tuples and calls).
     """
     reading = _Reading()
     stack: list = []
     metastack: list[list] = []
     memo: dict[int, Any] = {}
+    end = len(data)
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if n > end - pos:
+            raise _Decline("truncated pickle")
+        pos += n
+        return data[pos - n : pos]
 
     def pop_mark() -> list:
         nonlocal stack
@@ -631,68 +645,102 @@ def _interpret(data: bytes) -> _Reading:
         stack = metastack.pop()
         return items
 
-    for opcode, arg, _ in pickletools.genops(data):
-        op = opcode.name
-        if op == "PROTO":
-            continue
-        if op in _CONSTANTS:
-            stack.append(arg)
-        elif op == "SHORT_BINSTRING":  # torch decodes it as UTF-8 (pickletools as Latin-1)
-            stack.append(arg.encode("latin-1").decode("utf-8"))
-        elif op == "NONE":
-            stack.append(None)
-        elif op in ("NEWTRUE", "NEWFALSE"):
-            stack.append(op == "NEWTRUE")
-        elif op == "EMPTY_TUPLE":
-            stack.append(())
-        elif op == "EMPTY_LIST":
-            stack.append([])
-        elif op == "EMPTY_DICT":
-            stack.append({})
-        elif op == "EMPTY_SET":
-            reading.decline("a set")
-            stack.append(_OPAQUE)
-        elif op == "MARK":
+    def line() -> str:
+        nonlocal pos
+        stop = data.find(b"\n", pos)
+        if stop < 0:
+            raise _Decline("truncated pickle")
+        text = data[pos:stop].decode("utf-8")  # as torch reads a GLOBAL's names
+        pos = stop + 1
+        return text
+
+    while pos < end:
+        op = data[pos]
+        pos += 1
+        if op == 0x72:  # LONG_BINPUT
+            memo[_UINT4.unpack_from(data, pos)[0]] = stack[-1]
+            pos += 4
+        elif op == 0x68:  # BINGET
+            stack.append(memo[data[pos]])
+            pos += 1
+        elif op == 0x4B:  # BININT1
+            stack.append(data[pos])
+            pos += 1
+        elif op == 0x28:  # MARK
             metastack.append(stack)
             stack = []
-        elif op == "TUPLE":
+        elif op == 0x74:  # TUPLE
             items = pop_mark()
             stack.append(tuple(items))
-        elif op == "TUPLE1":
-            stack[-1] = (stack[-1],)
-        elif op == "TUPLE2":
-            stack[-2:] = [(stack[-2], stack[-1])]
-        elif op == "TUPLE3":
-            stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
-        elif op in ("BINPUT", "LONG_BINPUT"):
-            memo[arg] = stack[-1]
-        elif op in ("BINGET", "LONG_BINGET"):
-            stack.append(memo[arg])
-        elif op == "APPEND":
-            item = stack.pop()
-            _append(stack[-1], [item])
-        elif op == "APPENDS":
-            items = pop_mark()
-            _append(stack[-1], items)
-        elif op == "SETITEM":
-            value, key = stack.pop(), stack.pop()
-            _set_items(stack[-1], [key, value], reading)
-        elif op == "SETITEMS":
-            items = pop_mark()
-            _set_items(stack[-1], items, reading)
-        elif op == "GLOBAL":
-            module, _, name = str(arg).partition(" ")
-            stack.append(_global(module, name, reading))
-        elif op == "REDUCE":
+        elif op == 0x58:  # BINUNICODE
+            size = _UINT4.unpack(take(4))[0]
+            stack.append(str(take(size), "utf-8", "surrogatepass"))
+        elif op == 0x52:  # REDUCE
             args = stack.pop()
             stack[-1] = _call(stack[-1], args, reading)
-        elif op == "NEWOBJ":
+        elif op == 0x4D:  # BININT2
+            stack.append(_UINT2.unpack_from(data, pos)[0])
+            pos += 2
+        elif op == 0x85:  # TUPLE1
+            stack[-1] = (stack[-1],)
+        elif op == 0x29:  # EMPTY_TUPLE
+            stack.append(())
+        elif op == 0x51:  # BINPERSID
+            stack.append(_storage(stack.pop(), reading))
+        elif op in (0x88, 0x89):  # NEWTRUE, NEWFALSE
+            stack.append(op == 0x88)
+        elif op == 0x86:  # TUPLE2
+            stack[-2:] = [(stack[-2], stack[-1])]
+        elif op == 0x4A:  # BININT
+            stack.append(_INT4.unpack_from(data, pos)[0])
+            pos += 4
+        elif op == 0x71:  # BINPUT
+            memo[data[pos]] = stack[-1]
+            pos += 1
+        elif op == 0x87:  # TUPLE3
+            stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
+        elif op == 0x6A:  # LONG_BINGET
+            stack.append(memo[_UINT4.unpack_from(data, pos)[0]])
+            pos += 4
+        elif op == 0x80:  # PROTO
+            take(1)
+        elif op == 0x8A:  # LONG1
+            size = take(1)[0]
+            stack.append(int.from_bytes(take(size), "little", signed=True))
+        elif op == 0x47:  # BINFLOAT
+            stack.append(_FLOAT8.unpack(take(8))[0])
+        elif op == 0x55:  # SHORT_BINSTRING (torch decodes it as UTF-8)
+            size = take(1)[0]
+            stack.append(take(size).decode("utf-8"))
+        elif op == 0x4E:  # NONE
+            stack.append(None)
+        elif op == 0x5D:  # EMPTY_LIST
+            stack.append([])
+        elif op == 0x7D:  # EMPTY_DICT
+            stack.append({})
+        elif op == 0x8F:  # EMPTY_SET
+            reading.decline("a set")
+            stack.append(_OPAQUE)
+        elif op == 0x61:  # APPEND
+            item = stack.pop()
+            _append(stack[-1], [item])
+        elif op == 0x65:  # APPENDS
+            items = pop_mark()
+            _append(stack[-1], items)
+        elif op == 0x73:  # SETITEM
+            value, key = stack.pop(), stack.pop()
+            _set_items(stack[-1], [key, value], reading)
+        elif op == 0x75:  # SETITEMS
+            items = pop_mark()
+            _set_items(stack[-1], items, reading)
+        elif op == 0x63:  # GLOBAL
+            module = line()
+            stack.append(_global(module, line(), reading))
+        elif op == 0x81:  # NEWOBJ
             stack.pop()
             stack[-1] = _OPAQUE
             reading.decline("NEWOBJ")
-        elif op == "BINPERSID":
-            stack.append(_storage(stack.pop(), reading))
-        elif op == "BUILD":
+        elif op == 0x62:  # BUILD
             state = stack.pop()
             target = stack[-1]
             if isinstance(target, TensorRecord) and type(state) is tuple and len(state) >= 4 \
@@ -703,11 +751,11 @@ def _interpret(data: bytes) -> _Reading:
             elif not (type(target) is OrderedDict and type(state) is dict) and target is not _OPAQUE:
                 reading.decline("BUILD on something other than a state dict")
             # an OrderedDict's attributes (torch's ``_metadata``) are not part of its items: ignored
-        elif op == "STOP":
+        elif op == 0x2E:  # STOP
             if len(stack) != 1 or metastack:
                 reading.decline("stack not empty at STOP")
             reading.obj = stack.pop()  # what torch returns
             return reading
         else:
-            raise _Decline(f"opcode {op}")  # torch's weights-only unpickler refuses it
+            raise _Decline(f"opcode {op:#04x}")  # torch's weights-only unpickler refuses it
     raise _Decline("no STOP")
