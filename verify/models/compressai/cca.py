@@ -26,7 +26,7 @@ from ..blocks.naf import NAFAnalysis, NAFBlockBase, NAFSynthesis, NAFTransformBa
 from ..blocks.slice_transforms import SliceTransform
 from ..upstream.base import check_upstream_input_size
 from ..upstream.cca import HYPER_STRIDE, INPUT_MINIMUM, INPUT_MULTIPLE, slice_sizes
-from .compat import FromStateDict, IncompatibleStateDictError, describe_mismatch, guess_layout, require_key
+from .compat import FromStateDict, IncompatibleStateDictError, key_shape
 from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior
 
 __all__ = ["CCAModel", "CCASliceContext"]
@@ -201,32 +201,10 @@ class CCAModel(FromStateDict, CompressionModel):
 
     # ------------------------------------------------------------------ loading
 
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
-        """CompressionModel's loader (tables resized, legacy bottleneck names remapped), refusing
-        first, in one line, a state dict of another family or configuration."""
-        problems = describe_mismatch(self, state_dict, strict)
-        if problems:
-            found = guess_layout(state_dict)
-            hint = "" if found == self.family else f"; it looks like {found}, not {self.family}"
-            raise IncompatibleStateDictError(f"{self.describe()} cannot load this state dict: {problems}{hint}")
-        return super().load_state_dict(state_dict, strict=strict)
-
-    @classmethod
-    def check_family(cls, state_dict: Mapping[str, Tensor]) -> None:
-        """Raise :class:`IncompatibleStateDictError` unless this is a CompressAI-layout CCA."""
-        found = guess_layout(state_dict)
-        if found != cls.family:
-            advice = " (convert it first with lic-convert)" if found.startswith("an upstream") else ""
-            raise IncompatibleStateDictError(
-                f"{cls.__name__}.from_state_dict: the state dict holds {found}{advice}, "
-                f"not a CompressAI-layout {cls.__name__}")
-
     @classmethod
     def infer_kwargs(cls, state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         """Constructor arguments read off keys and shapes (slice widths as the proportions)."""
-
-        def shape(key: str) -> tuple[int, ...]:
-            return tuple(require_key(state_dict, key, cls.family).shape)
+        shape = key_shape(state_dict, cls.family)
 
         heads = sorted({int(m[1]) for k in state_dict
                         if (m := re.fullmatch(r"latent_codec\.y\.channel_context\.y(\d+)\.mean_cc\.4\.weight", k))})

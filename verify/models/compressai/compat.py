@@ -7,14 +7,15 @@ missing, unexpected or of the wrong shape, and which family the keys look like.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from lic_checkpoints.convert.errors import LicError
 
-__all__ = ["FromStateDict", "IncompatibleStateDictError", "describe_mismatch", "guess_layout", "require_key"]
+__all__ = ["FromStateDict", "IncompatibleStateDictError", "describe_mismatch", "guess_layout", "key_shape",
+           "require_key"]
 
 #: Entropy-model buffers whose size follows ``update()``; CompressionModel resizes them on load.
 _TABLE_BUFFER = re.compile(r"(gaussian_conditional|entropy_bottleneck)\.(_quantized_cdf|_offset|_cdf_length|scale_table)$")
@@ -101,8 +102,28 @@ def require_key(state_dict: Mapping[str, Tensor], key: str, family: str) -> Tens
         ) from None
 
 
+def key_shape(state_dict: Mapping[str, Tensor], family: str) -> Callable[[str], tuple[int, ...]]:
+    """``shape(key)`` of a state dict's tensors, refusing an absent key in one line (for ``infer_kwargs``)."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(require_key(state_dict, key, family).shape)
+
+    return shape
+
+
 class FromStateDict:
-    """``from_state_dict`` for a model class that defines ``check_family`` and ``infer_kwargs``."""
+    """Loading shared by the CompressAI-layout model classes.
+
+    ``from_state_dict`` builds the model a state dict describes (``check_family``, then
+    ``infer_kwargs``, then a strict load); ``load_state_dict`` is CompressionModel's loader (tables
+    resized, legacy bottleneck names remapped) that first refuses, in one line, a state dict of
+    another family or configuration, and keeps the constructor's values of absent derived constants
+    (:meth:`derived_constant`), as master's loader allows.
+    """
+
+    family: str
+    #: key endings of buffers the constructor rebuilds identically (a state dict may leave them out)
+    derived_buffer_suffixes: tuple[str, ...] = ()
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Tensor]):
@@ -111,3 +132,41 @@ class FromStateDict:
         model = cls(**cls.infer_kwargs(state_dict))
         model.load_state_dict(state_dict, strict=True)
         return model
+
+    @classmethod
+    def layout_names(cls) -> tuple[str, ...]:
+        """The names :func:`guess_layout` gives the layouts this class loads."""
+        return (cls.family,)
+
+    def layout_name(self) -> str:
+        """The name :func:`guess_layout` gives this model's own layout."""
+        return self.family
+
+    @classmethod
+    def derived_constant(cls, key: str) -> bool:
+        return bool(cls.derived_buffer_suffixes) and key.endswith(cls.derived_buffer_suffixes)
+
+    @classmethod
+    def check_family(cls, state_dict: Mapping[str, Tensor]) -> None:
+        """Raise :class:`IncompatibleStateDictError` unless ``state_dict`` is a CompressAI-layout
+        checkpoint this class loads."""
+        found = guess_layout(state_dict)
+        if found not in cls.layout_names():
+            advice = " (convert it first with lic-convert)" if found.startswith("an upstream") else ""
+            raise IncompatibleStateDictError(
+                f"{cls.__name__}.from_state_dict: the state dict holds {found}{advice}, "
+                f"not a CompressAI-layout {cls.__name__}"
+            )
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
+        found = guess_layout(state_dict)  # before the derived constants are added: they are this model's
+        own = self.state_dict()
+        filled = {k: v for k, v in own.items() if k not in state_dict and self.derived_constant(k)}
+        if filled:
+            state_dict = {**state_dict, **filled}
+        problems = describe_mismatch(self, state_dict, strict)
+        if problems:
+            name = self.layout_name()
+            hint = "" if found == name else f"; it looks like {found}, not {name}"
+            raise IncompatibleStateDictError(f"{self.describe()} cannot load this state dict: {problems}{hint}")
+        return super().load_state_dict(state_dict, strict=strict)

@@ -27,7 +27,7 @@ from ..blocks.residual_bottleneck import (
     ResidualBottleneckBlockWithUpsample,
 )
 from ..blocks.slice_transforms import SliceTransform
-from .compat import FromStateDict, IncompatibleStateDictError, describe_mismatch, guess_layout, require_key
+from .compat import FromStateDict, IncompatibleStateDictError, key_shape, require_key
 from .dictionary_heads import DictionaryContextHead, SharedDictionary, dictionary_width
 from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, leading_support
 
@@ -87,8 +87,6 @@ class DCAE(FromStateDict, CompressionModel):
     #: Family name used in error messages and by :func:`guess_layout`.
     family = "DCAE"
     stage_type: type[AttentionStage] = SwinBlockWithConvMulti
-    #: Key suffixes ``load_state_dict`` may miss: derived constants the constructor rebuilds.
-    derived_buffer_suffixes: tuple[str, ...] = ()
 
     latent_codec: SliceHyperpriorCodec
 
@@ -256,37 +254,6 @@ class DCAE(FromStateDict, CompressionModel):
 
     # ------------------------------------------------------------------ loading
 
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
-        """CompressionModel's loader (entropy tables resized, legacy bottleneck names remapped),
-        refusing first, in one line, a state dict of another family or configuration."""
-        state_dict = self._with_derived_buffers(state_dict)
-        problems = describe_mismatch(self, state_dict, strict)
-        if problems:
-            found = guess_layout(state_dict)
-            hint = "" if found == self.family else f"; it looks like {found}, not {self.family}"
-            raise IncompatibleStateDictError(f"{self.describe()} cannot load this state dict: {problems}{hint}")
-        return super().load_state_dict(state_dict, strict=strict)
-
-    def _with_derived_buffers(self, state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-        """Add this model's own values for absent derived constants (``derived_buffer_suffixes``)."""
-        if not self.derived_buffer_suffixes:
-            return state_dict
-        own = self.state_dict()
-        filled = {k: v for k, v in own.items() if k.endswith(self.derived_buffer_suffixes) and k not in state_dict}
-        return {**state_dict, **filled} if filled else state_dict
-
-    @classmethod
-    def check_family(cls, state_dict: Mapping[str, Tensor]) -> None:
-        """Raise :class:`IncompatibleStateDictError` unless ``state_dict`` is a CompressAI-layout
-        checkpoint of this family."""
-        found = guess_layout(state_dict)
-        if found != cls.family:
-            advice = " (convert it first with lic-convert)" if found.startswith("an upstream") else ""
-            raise IncompatibleStateDictError(
-                f"{cls.__name__}.from_state_dict: the state dict holds {found}{advice}, "
-                f"not a CompressAI-layout {cls.family}"
-            )
-
     @classmethod
     def attention_geometry(cls, state_dict: Mapping[str, Tensor], stage: str, width: int) -> tuple[int, int]:
         """``(head_dim, window_size)`` of the attention stage at key prefix ``stage``."""
@@ -301,9 +268,7 @@ class DCAE(FromStateDict, CompressionModel):
         """Constructor arguments read off keys and shapes, with master's rules (a K=5 model gets
         ``max_support_slices=4``, which builds the same model as 5)."""
         family = cls.family
-
-        def shape(key: str) -> tuple[int, ...]:
-            return tuple(require_key(state_dict, key, family).shape)
+        shape = key_shape(state_dict, family)
 
         feature_dims = [shape(f"g_a.{i}.conv.weight")[0] for i in (0, 2, 4)]
         N, M = shape("latent_codec.h_a.0.conv.weight")[:2]

@@ -44,7 +44,7 @@ from ..upstream.stf import (
     WACNN_HYPER_SYNTHESIS,
     check_input_size,
 )
-from .compat import FromStateDict, IncompatibleStateDictError, describe_mismatch, guess_layout, require_key
+from .compat import FromStateDict, IncompatibleStateDictError, require_key
 from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, leading_support
 
 __all__ = ["SupportContextHead", "SymmetricalTransFormer", "WACNN"]
@@ -153,26 +153,6 @@ class _STFFamilyModel(FromStateDict, CompressionModel):
         y_hat = self.latent_codec.decompress(strings, shape)["y_hat"]
         # upstream quirk reproduced on purpose: the reconstruction is clamped to [0, 1] (master's is not)
         return {"x_hat": self.synthesis(y_hat).clamp_(0, 1)}
-
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
-        """CompressionModel's loader (tables resized, legacy bottleneck names remapped) that first
-        refuses, in one line, a state dict of another family or configuration."""
-        problems = describe_mismatch(self, state_dict, strict)
-        if problems:
-            found = guess_layout(state_dict)
-            hint = "" if found == self.family else f"; it looks like {found}, not {self.family}"
-            raise IncompatibleStateDictError(f"{self.describe()} cannot load this state dict: {problems}{hint}")
-        return super().load_state_dict(state_dict, strict=strict)
-
-    @classmethod
-    def check_family(cls, state_dict: Mapping[str, Tensor]) -> None:
-        found = guess_layout(state_dict)
-        if found != cls.family:
-            advice = " (convert it first with lic-convert)" if found.startswith("an upstream") else ""
-            raise IncompatibleStateDictError(
-                f"{cls.__name__}.from_state_dict: the state dict holds {found}{advice}, "
-                f"not a CompressAI-layout {cls.__name__}"
-            )
 
     @staticmethod
     def slice_geometry(state_dict: Mapping[str, Tensor], latent: int, family: str) -> tuple[int, int]:

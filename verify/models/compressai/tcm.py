@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..blocks.slice_transforms import SliceTransform
 from ..upstream.base import check_upstream_input_size
-from .compat import FromStateDict, IncompatibleStateDictError, describe_mismatch, guess_layout, require_key
+from .compat import FromStateDict, IncompatibleStateDictError, key_shape
 from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, leading_support
 from .tcm_blocks import WLS, AuxTTransform, ConvTransBlock, SWAtten, iWLS
 
@@ -283,51 +283,26 @@ class TCM(FromStateDict, CompressionModel):
 
     # ------------------------------------------------------------------ loading
 
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
-        """CompressionModel's loader (tables resized, legacy bottleneck names remapped) that first
-        refuses, in one line, a state dict of another family or configuration.
+    @classmethod
+    def layout_names(cls) -> tuple[str, ...]:
+        return ("TCM", "TCM+AuxT")
 
-        Absent derived constants (``relative_position_index``, wavelet filters) keep the values
-        the constructor built, as master's loader allows.
-        """
-        found = guess_layout(state_dict)
-        own = self.state_dict()
-        filled = {k: v for k, v in own.items() if self.derived_constant(k) and k not in state_dict}
-        if filled:
-            state_dict = {**state_dict, **filled}
-        problems = describe_mismatch(self, state_dict, strict)
-        if problems:
-            hint = "" if found == self.variant_name() else f"; it looks like {found}, not {self.variant_name()}"
-            raise IncompatibleStateDictError(f"{self.describe()} cannot load this state dict: {problems}{hint}")
-        return super().load_state_dict(state_dict, strict=strict)
-
-    def variant_name(self) -> str:
+    def layout_name(self) -> str:
         """``"TCM"`` or ``"TCM+AuxT"`` (the names :func:`.compat.guess_layout` gives)."""
         return "TCM+AuxT" if self.use_auxt else "TCM"
 
     @staticmethod
     def derived_constant(key: str) -> bool:
-        """Buffers the constructor rebuilds identically (master's loader tolerates their absence)."""
+        """Buffers the constructor rebuilds identically (master's loader tolerates their absence):
+        ``relative_position_index`` and the wavelet filters."""
         return key.endswith("relative_position_index") or bool(_WAVELET_BUFFER.match(key))
-
-    @classmethod
-    def check_family(cls, state_dict: Mapping[str, Tensor]) -> None:
-        """Raise :class:`IncompatibleStateDictError` unless this is a CompressAI-layout TCM."""
-        found = guess_layout(state_dict)
-        if found not in ("TCM", "TCM+AuxT"):
-            advice = " (convert it first with lic-convert)" if found.startswith("an upstream") else ""
-            raise IncompatibleStateDictError(
-                f"TCM.from_state_dict: the state dict holds {found}{advice}, not a CompressAI-layout TCM"
-            )
 
     @classmethod
     def infer_kwargs(cls, state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         """Constructor arguments read off keys and shapes with master's rules (a K=5 model gets
         ``max_support_slices=4``, the same model as 5). Unlike master, the window sizes are read
         from the bias tables rather than assumed."""
-
-        def shape(key: str) -> tuple[int, ...]:
-            return tuple(require_key(state_dict, key, cls.family).shape)
+        shape = key_shape(state_dict, cls.family)
 
         keys = list(state_dict)
         g_a = "g_a.transform" if any(k.startswith("g_a.transform.") for k in keys) else "g_a"
