@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conftest import CONFIGURATION_NAMES, SMALL, configuration, fixture_dir
+from lic_checkpoints.convert.errors import LicError
 from lic_checkpoints.verify.cli import main
 from lic_checkpoints.verify.report import schema
 
@@ -138,6 +140,31 @@ def test_upstream_repo_reference_runs_in_its_own_process(checkpoints, tmp_path):
 def test_upstream_repo_without_models_package_is_a_usage_error(checkpoints, tmp_path):
     code, _, stderr = run([checkpoints.path(SMALL), "--upstream-repo", tmp_path, "--tiers", "T0,T1"])
     assert code == 2 and "no 'models' package" in stderr
+
+
+@pytest.mark.parametrize("run, fragment", [
+    ({"bogus": 1}, "unknown key 'bogus'"),
+    ({"shims": ["monkeypatch_everything"]}, "names a shim outside"),
+    ({"path": "/etc"}, "path must be a folder inside the clone"),
+    ({"path": "../elsewhere"}, "path must be a folder inside the clone"),
+    ({"wrap_kwargs": {"config": "NoColon"}}, "module:Class"),
+    ({"likelihoods": {"w": "x"}}, "may only rename"),
+    ({"entropy_bottleneck": ""}, "non-empty strings"),
+])
+def test_a_malformed_upstream_run_section_is_one_line(run, fragment):
+    from lic_checkpoints.verify.upstream_repo import run_spec
+
+    with pytest.raises(LicError, match=re.escape(fragment)) as error:
+        run_spec({"run": run}, "mapping x.yaml")
+    assert "\n" not in str(error.value) and str(error.value).startswith("mapping x.yaml: upstream.run")
+
+
+def test_upstream_run_defaults_fit_the_common_repository_shape():
+    from lic_checkpoints.verify.upstream_repo import run_spec
+
+    assert run_spec({}, "m") == {"path": "", "shims": [], "wrap_kwargs": {}, "names": {
+        "likelihoods_y": "y", "likelihoods_z": "z", "entropy_bottleneck": "entropy_bottleneck",
+        "hyper_analysis": "h_a", "gaussian_conditional": "gaussian_conditional"}}
 
 
 def test_models_built_for_loading_run_no_parameter_initialiser():

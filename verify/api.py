@@ -360,8 +360,11 @@ class _AuthorsCode:
     """The reference side run from the user's clone of the authors' repository, in a child process."""
 
     def __init__(self, repo: Path, mapping, detection, state_dict) -> None:
+        from .upstream_repo import run_spec
+
         if "module" not in mapping.upstream:
             raise LicError(f"mapping {mapping.file} does not say which module holds {mapping.upstream['class']}")
+        self.spec = run_spec(mapping.upstream, f"mapping {mapping.file}")
         self.repo, self.mapping, self.detection = repo, mapping, detection
         self.state_dict = canonical_upstream_names(state_dict)
 
@@ -370,7 +373,7 @@ class _AuthorsCode:
 
         up = self.mapping.upstream
         return run_reference(self.repo, up["module"], up["class"], self.detection.variant.upstream_kwargs,
-                             self.state_dict, test_images, coding=coding)
+                             self.state_dict, test_images, coding=coding, spec=self.spec)
 
 
 def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, timings, say, save_outputs, detection,

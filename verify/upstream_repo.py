@@ -1,10 +1,30 @@
 """Use the authors' own code as the reference side (``lic-verify --upstream-repo PATH``).
 
-Every upstream repository has a top-level package called ``models``, so the real class is imported in
-a separate Python process with the user's clone first on ``sys.path``.  The parent writes the upstream
-state dict and the images to a temporary folder; the child builds the class with the variant's kwargs,
-loads the weights the way the authors' eval scripts do, runs forward, ``update(force=True)``, compress
-and decompress, and writes everything back.  Nothing from the clone is imported into this process.
+Upstream repositories have top-level packages with common names (``models``, or a bundled
+``compressai``), so the real class is imported in a separate Python process with the user's clone
+first on ``sys.path``.  The parent writes the upstream state dict and the images to a temporary
+folder; the child builds the class with the variant's kwargs, loads the weights the way the authors'
+eval scripts do, runs forward, ``update(force=True)``, compress and decompress, and writes everything
+back.  Nothing from the clone is imported into this process.
+
+A mapping's ``upstream.run`` section says what the child needs to know of a repository that differs
+from the common shape (every key optional)::
+
+    run:
+      path: MLIC++                       # the clone's folder that holds the module's package ("" = its root)
+      shims: [ste_round, cuda_synchronize]   # run-time stand-ins, the clone is never edited
+      wrap_kwargs: {config: "utils.utils:Config"}   # a kwarg the class takes as an object of the clone's
+      likelihoods: {y: y_likelihoods, z: z_likelihoods}   # forward()'s likelihood names
+      entropy_bottleneck: z_entropy_bottleneck   # attribute names (defaults: entropy_bottleneck,
+      hyper_analysis: h_a                         #   h_a, gaussian_conditional)
+      gaussian_conditional: gaussian_conditional
+
+Shims: ``ste_round`` gives ``compressai.ops`` the name compressai <= 1.2.6 used for ``quantize_ste``;
+``cuda_synchronize`` makes ``torch.cuda.synchronize`` a no-op where there is no CUDA (code that calls
+it around coding for timing).  A clone that bundles its own ``compressai`` sources (STF) gets the
+installed compressai's compiled ``ans``/``_CXX`` modules, as its own are never built by a clone.
+When the forward does not return ``para`` (y, means, scales), they are read from the inputs of the
+model's ``gaussian_conditional`` calls during that forward, concatenated in call order.
 """
 
 from __future__ import annotations
@@ -22,25 +42,65 @@ from lic_checkpoints.convert.errors import LicError
 
 from .tiers import CodedSide
 
-_PER_IMAGE = ("x_hat", "likelihoods_y", "likelihoods_z", "means", "scales", "y", "decoded",
-              "symbols_y", "indexes_y", "symbols_z", "z_minus_medians", "scales_bounded")
+
+_RUN_KEYS = {"path", "shims", "wrap_kwargs", "likelihoods", "entropy_bottleneck", "hyper_analysis",
+             "gaussian_conditional"}
+_SHIMS = {"ste_round", "cuda_synchronize"}
+
+
+def run_spec(upstream: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The child's instructions from a mapping's ``upstream`` section; a one-line error if malformed."""
+    run = upstream.get("run") or {}
+
+    def bad(what: str) -> LicError:
+        return LicError(f"{where}: upstream.run {what}; fix the mapping")
+
+    if not isinstance(run, Mapping):
+        raise bad("is not a mapping")
+    unknown = sorted(set(run) - _RUN_KEYS)
+    if unknown:
+        raise bad(f"has an unknown key {unknown[0]!r} (known: {', '.join(sorted(_RUN_KEYS))})")
+    shims = list(run.get("shims", []))
+    if not all(s in _SHIMS for s in shims):
+        raise bad(f"names a shim outside {sorted(_SHIMS)}")
+    wrap = dict(run.get("wrap_kwargs", {}))
+    if not all(isinstance(v, str) and ":" in v for v in wrap.values()):
+        raise bad("wrap_kwargs values must read 'module:Class'")
+    likelihoods = dict(run.get("likelihoods", {}))
+    if set(likelihoods) - {"y", "z"}:
+        raise bad("likelihoods may only rename 'y' and 'z'")
+    names = {"likelihoods_y": likelihoods.get("y", "y"), "likelihoods_z": likelihoods.get("z", "z")}
+    for key, default in (("entropy_bottleneck", "entropy_bottleneck"), ("hyper_analysis", "h_a"),
+                         ("gaussian_conditional", "gaussian_conditional")):
+        names[key] = run.get(key, default)
+    if not all(isinstance(v, str) and v for v in names.values()):
+        raise bad("names must be non-empty strings")
+    path = run.get("path", "")
+    if not isinstance(path, str) or Path(path).is_absolute() or ".." in Path(path).parts:
+        raise bad("path must be a folder inside the clone")
+    return {"path": path, "shims": shims, "wrap_kwargs": wrap, "names": names}
 
 
 def run_reference(repo: Path, module: str, class_name: str, kwargs: Mapping[str, Any],
                   state_dict: Mapping[str, torch.Tensor], images: Sequence, *, coding: bool,
-                  threads: int | None = None) -> tuple[list[dict], list[CodedSide] | None]:
+                  threads: int | None = None, spec: Mapping[str, Any] | None = None) -> tuple[list[dict], list[CodedSide] | None]:
     """Forward (and coding) results of the authors' class, one entry per image."""
     from safetensors.torch import load_file, save_file
 
+    spec = dict(spec or run_spec({}, "the mapping"))
     repo = Path(repo)
-    if not (repo / "models").is_dir():
-        raise LicError(f"{repo}: no 'models' package here; give the root of your clone of the authors' repository")
+    root = repo / spec["path"]
+    package = module.split(".")[0]
+    if not (root / package).is_dir():
+        where = f"{spec['path']}/{package}" if spec["path"] else package
+        raise LicError(f"{repo}: no '{where}' package here; give the root of your clone of the authors' repository")
     with tempfile.TemporaryDirectory(prefix="lic-upstream-") as tmp:
         tmp = Path(tmp)
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "weights.safetensors"))
         save_file({f"x{i}": img.x.contiguous() for i, img in enumerate(images)}, str(tmp / "images.safetensors"))
-        job = {"repo": str(repo.resolve()), "module": module, "class": class_name, "kwargs": dict(kwargs),
-               "coding": coding, "count": len(images), "threads": threads or torch.get_num_threads()}
+        job = {"root": str(root.resolve()), "module": module, "class": class_name, "kwargs": dict(kwargs),
+               "coding": coding, "count": len(images), "threads": threads or torch.get_num_threads(),
+               "shims": spec["shims"], "wrap_kwargs": spec["wrap_kwargs"], "names": spec["names"]}
         (tmp / "job.json").write_text(json.dumps(job))
         proc = subprocess.run([sys.executable, "-m", "lic_checkpoints.verify._upstream_worker", str(tmp)],
                               capture_output=True, text=True)

@@ -9,6 +9,8 @@ scales first, then the means. The checkerboard codes anchors, then non-anchors, 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -182,3 +184,52 @@ def test_masters_checkerboard_codec_is_observed_and_matches(conf, tmp_path):
     assert all(c["passed"] and not c["explained"] and "as coded" in c["detail"] for c in slices)
     own = next(c for c in report["tiers"]["T2"]["checks"] if c["name"].endswith("target decodes its own streams"))
     assert own["passed"] and own["values"]["max_abs"] < 1e-5, own
+
+
+@pytest.mark.parametrize("conf", MLIC, ids=ids)
+def test_upstream_repo_runs_a_clone_shaped_like_the_authors(conf, checkpoints, tmp_path):
+    """--upstream-repo on a clone laid out like JiangWeibeta/MLIC: the package one folder down
+    (``MLIC++/models``), the configuration passed as the clone's own ``utils.utils.Config``, the
+    likelihoods named ``y_likelihoods`` / ``z_likelihoods``, no ``para`` in forward (y, means and
+    scales are read from the gaussian_conditional calls), ``compressai.ops.ste_round`` imported
+    (compressai >= 1.2.7 calls it ``quantize_ste``) and ``torch.cuda.synchronize`` called around
+    coding.  The class is a stand-in built on our re-implementation (the tests have no network);
+    the mapping's ``upstream.run`` section has to make all of it work."""
+    from safetensors.torch import save_file
+
+    from lic_checkpoints.verify import images
+
+    ours_module, _, ours_class = conf.family.upstream["ours"].partition(":")
+    root = tmp_path / "MLIC" / "MLIC++"
+    for package in ("models", "utils"):
+        (root / package).mkdir(parents=True)
+        (root / package / "__init__.py").write_text("")
+    (root / "utils" / "utils.py").write_text(
+        "class Config(dict):\n    __getattr__ = dict.__getitem__\n")
+    (root / "models" / "mlicpp.py").write_text(
+        "import torch\n"
+        "from compressai.ops import ste_round\n"
+        "from utils.utils import Config\n"
+        f"from {ours_module} import {ours_class} as _Ours\n"
+        f"class {conf.family.upstream['class']}(_Ours):\n"
+        "    def __init__(self, config):\n"
+        "        assert isinstance(config, Config) and isinstance(config.act, type)\n"
+        "        super().__init__(config=dict(config))\n"
+        "    def forward(self, x):\n"
+        "        out = super().forward(x)\n"
+        "        lik = out['likelihoods']\n"
+        "        return {'x_hat': out['x_hat'], 'likelihoods': {'y_likelihoods': lik['y'], 'z_likelihoods': lik['z']}}\n"
+        "    def compress(self, x):\n"
+        "        torch.cuda.synchronize()\n"
+        "        return super().compress(x)\n"
+    )
+    save_file({"x": images.synthetic(5, 64, 128)}, str(tmp_path / "x.safetensors"))
+    code, stdout, stderr = _cli(verify_main, [checkpoints.path(conf.name), "--upstream-repo", tmp_path / "MLIC",
+                                              "--tiers", "T1,T2", "--images", tmp_path / "x.safetensors",
+                                              "--json", tmp_path / "r.json"])
+    assert code == 0, stdout + stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["reference"].startswith(f"the authors' {conf.family.upstream['class']} from")
+    t1 = {c["name"].split(": ")[-1]: c for c in report["tiers"]["T1"]["checks"]}
+    assert all(t1[name]["passed"] and t1[name]["values"]["max_abs"] == 0.0
+               for name in ("y", "means", "scales", "likelihoods_y", "likelihoods_z", "x_hat")), t1
