@@ -91,6 +91,8 @@ def run_reference(repo: Path, module: str, class_name: str, kwargs: Mapping[str,
     repo = Path(repo)
     root = repo / spec["path"]
     package = module.split(".")[0]
+    if spec["path"] and not (root / package).is_dir() and (repo / package).is_dir():
+        root = repo  # the user gave the sub-folder itself (e.g. the clone's MLIC++/)
     if not (root / package).is_dir():
         where = f"{spec['path']}/{package}" if spec["path"] else package
         raise LicError(f"{repo}: no '{where}' package here; give the root of your clone of the authors' repository")

@@ -233,3 +233,10 @@ def test_upstream_repo_runs_a_clone_shaped_like_the_authors(conf, checkpoints, t
     t1 = {c["name"].split(": ")[-1]: c for c in report["tiers"]["T1"]["checks"]}
     assert all(t1[name]["passed"] and t1[name]["values"]["max_abs"] == 0.0
                for name in ("y", "means", "scales", "likelihoods_y", "likelihoods_z", "x_hat")), t1
+    # the sub-folder itself works too; a folder with neither is one line, exit 2
+    code, stdout, stderr = _cli(verify_main, [checkpoints.path(conf.name), "--upstream-repo", root,
+                                              "--tiers", "T1", "--images", tmp_path / "x.safetensors"])
+    assert code == 0, stdout + stderr
+    code, _, stderr = _cli(verify_main, [checkpoints.path(conf.name), "--upstream-repo", root / "utils",
+                                         "--tiers", "T1", "--images", tmp_path / "x.safetensors"])
+    assert code == 2 and "no 'MLIC++/models' package here" in stderr and "Traceback" not in stderr, stderr
