@@ -100,6 +100,9 @@ class SourceCheckpoint:
     #: cleaned key -> the key as the file stores it, for every key reading changed (``module.`` removed)
     stored_as: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the container's plain entries (numbers, strings, booleans) beside the state dict, and those of a
+    #: top-level ``args`` / ``hparams`` / ``config`` dict, e.g. ``{"epoch": 120, "lmbda": 0.0483}``
+    container_values: dict[str, Any] = field(default_factory=dict)
     size_bytes: int = 0
     locations: dict[str, TensorLocation] | None = None  # set when ``lazy``
     scan: SourceScan | None = None
@@ -410,6 +413,26 @@ def _find_state_dict(obj: Any, path: Path) -> tuple[Any, str | None, list[str]]:
     )
 
 
+#: top-level container entries whose plain entries are read too (training scripts save their options there)
+_OPTION_ENTRIES = ("args", "hparams", "config")
+
+
+def _plain_values(obj: Any, entry: str | None) -> dict[str, Any]:
+    """The container's scalar entries, and those of its options dict (see ``container_values``)."""
+    if entry is None or not isinstance(obj, dict):
+        return {}
+
+    def plain(value: Any) -> bool:
+        return type(value) in (int, float, bool) or (type(value) is str and len(value) <= 200)
+
+    out = {str(k): v for k, v in obj.items() if k != entry and plain(v)}
+    for name in _OPTION_ENTRIES:
+        options = obj.get(name)
+        if isinstance(options, dict):
+            out.update({f"{name}.{k}": v for k, v in options.items() if isinstance(k, str) and plain(v)})
+    return out
+
+
 def read_checkpoint(
     path: str | os.PathLike, *, trust_pickle: bool = False, lazy: bool = False, check_now: bool = True
 ) -> SourceCheckpoint:
@@ -428,6 +451,7 @@ def read_checkpoint(
     path = Path(path)
     _check_path(path)
     metadata: dict[str, str] = {}
+    container_values: dict[str, Any] = {}
     locate = None  # (key, value) -> TensorLocation | None, for lazy reading
     try:
         scan = source_scan(path)
@@ -452,6 +476,7 @@ def read_checkpoint(
                 if on_meta:
                     locate = lambda key, original, value: _torch_location(path, key, value)  # noqa: E731
             state_dict, entry, ignored = _find_state_dict(obj, path)
+            container_values = _plain_values(obj, entry)
         if locate is None and check_now:
             scan.result()
     except OSError as exc:  # permission checks can pass and reads still fail (ACLs, I/O errors)
@@ -499,6 +524,7 @@ def read_checkpoint(
         stripped_prefix_keys=stripped,
         stored_as=stored_as,
         metadata=metadata,
+        container_values=container_values,
         size_bytes=path.stat().st_size,
         locations=where if locate is not None else None,
         scan=scan,

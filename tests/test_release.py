@@ -191,6 +191,22 @@ def test_names_and_operating_points():
     assert release.operating_point("checkpoint_best.pth.tar") == {}
 
 
+def test_operating_point_from_the_container_wins_over_the_file_name(tmp_path):
+    from lic_checkpoints.convert.checkpoint import read_checkpoint
+
+    path = tmp_path / "ckpt_lambda0.5.pth.tar"
+    torch.save({"epoch": 3, "state_dict": {"w": torch.zeros(2)}, "lmbda": 0.0483, "note": "x",
+                "args": {"quality": 3, "lr": 1e-4, "nested": {"skip": 1}}, "optimizer": {"state": {}}}, path)
+    for lazy in (False, True):
+        source = read_checkpoint(path, lazy=lazy)
+        assert source.container_values == {"epoch": 3, "lmbda": 0.0483, "note": "x", "args.quality": 3,
+                                           "args.lr": 1e-4}, lazy
+        source.close()
+    assert release.operating_point(path.name, source.container_values) == {"lambda": 0.0483, "quality": 3}
+    assert release.operating_point(path.name, {"epoch": 3}) == {"lambda": 0.5}
+    assert release.container_operating_point({"lambda": -1, "q": 2.5, "hparams.lmbda": 0.01}) == {"lambda": 0.01}
+
+
 def test_plot_ticks_are_round_and_cover_the_range():
     from lic_checkpoints.verify.rd_plot import nice_ticks
 

@@ -259,7 +259,7 @@ def verify_checkpoint(
         variant=detection.variant.name,
         variables=detection.variables,
         source={"file": source.path.name, "sha256": None, "format": source.file_format,
-                "dtypes": _dtype_counts(source.state_dict)},
+                "dtypes": _dtype_counts(source.state_dict), "container_values": dict(source.container_values)},
         converted=conv.description,
         mapping={"file": mapping.file, "version": mapping.version, "sha256": mapping.sha256},
         reference=(f"the authors' {mapping.upstream['class']} from {upstream_repo}" if upstream_repo else

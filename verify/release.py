@@ -59,9 +59,28 @@ def output_names(sources: Sequence[Path]) -> list[str]:
     return names
 
 
-def operating_point(name: str) -> dict[str, Any]:
-    """λ (or β) and quality as the file name states them ({} when it states neither)."""
+#: container entries (or entries of its ``args`` / ``hparams`` / ``config`` dict) that state λ or quality
+_LAMBDA_ENTRY = re.compile(r"(?:(?:args|hparams|config)\.)?(?:lmbda|lambda|lmb|lam|lambda_rd|rd_lambda)", re.I)
+_QUALITY_ENTRY = re.compile(r"(?:(?:args|hparams|config)\.)?(?:quality|q)", re.I)
+
+
+def container_operating_point(values: dict[str, Any]) -> dict[str, Any]:
+    """λ and quality as the checkpoint's container states them (see ``SourceCheckpoint.container_values``)."""
     out: dict[str, Any] = {}
+    for key, value in values.items():
+        number = type(value) in (int, float) and value > 0
+        if number and "lambda" not in out and _LAMBDA_ENTRY.fullmatch(key):
+            out["lambda"] = float(value)
+        elif number and type(value) is int and "quality" not in out and _QUALITY_ENTRY.fullmatch(key):
+            out["quality"] = value
+    return out
+
+
+def operating_point(name: str, container_values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """λ (or β) and quality as the container states them, else as the file name does ({} when neither)."""
+    out = container_operating_point(container_values or {})
+    if out:
+        return out
     if m := _LAMBDA.search(name):
         out["lambda"] = float(m.group(1))
     elif m := _BARE_FLOAT.search(name):
@@ -145,6 +164,9 @@ class ReleaseRow:
 def summarize(row: ReleaseRow, report) -> None:
     """Fill ``row`` from a parity report (numbers averaged as CompressAI's eval_model does)."""
     row.family, row.variant = report.family, report.variant
+    stated = container_operating_point(report.source.get("container_values") or {})
+    if stated:
+        row.operating_point = stated
     row.verdict = "passed" if report.passed else "FAILED"
     failure = report.first_failure()
     if failure is not None:
