@@ -167,6 +167,26 @@ def test_upstream_run_defaults_fit_the_common_repository_shape():
         "hyper_analysis": "h_a", "gaussian_conditional": "gaussian_conditional"}}
 
 
+def test_t3_refuses_images_too_small_for_ms_ssim_in_one_line(checkpoints, tmp_path):
+    """MS-SSIM needs more than 160 pixels a side: with T3 asked for, such an image is a usage error
+    before any model runs (single and release runs); without T3 the same image is fine."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (300, 150), (120, 60, 30)).save(folder / "small.png")
+    src = checkpoints.path(SMALL)
+    single = [src, "--json", tmp_path / "r.json"]
+    release = [src, src.parent / "missing.pth.tar", "--out-dir", tmp_path / "rel"]
+    for args in (single, release):
+        code, stdout, stderr = run(args + ["--images", folder, "--tiers", "T1,T3"])
+        assert code == 2, stdout + stderr
+        line = stderr.strip()
+        assert "\n" not in line and "image 'small' is 300x150" in line and "more than 160 pixels" in line, line
+        assert "Traceback" not in stdout + stderr
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "rel").exists()
+
+
 def test_models_built_for_loading_run_no_parameter_initialiser():
     """Structural (not timed): inside ``parameters_on_meta`` nn.init leaves parameters alone."""
     from torch import nn

@@ -253,6 +253,8 @@ def verify_checkpoint(
     conv = _load_converted(converted, plan, source, seal) if plan.ok else _Converted({}, {"origin": "not converted"})
     facts = detection.mapping.extra.get("input", {})  # the sides the authors' model accepts
     test_images = images_mod.load(images, **{k: facts[k] for k in ("multiple", "minimum") if k in facts})
+    if "T3" in wanted:
+        images_mod.require_ms_ssim_size(test_images)
     mapping = detection.mapping
     report = ParityReport(
         family=detection.family,

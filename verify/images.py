@@ -45,6 +45,20 @@ class TestImage:
         return self.crop[2] * self.crop[3]
 
 
+#: MS-SSIM's five scales with an 11-pixel window need more than this many pixels on each side
+MS_SSIM_MIN_SIDE = 160
+
+
+def require_ms_ssim_size(images: Sequence[TestImage]) -> None:
+    """T3 scores MS-SSIM on each image as given (without its padding): refuse, in one line, an image
+    with a side of at most :data:`MS_SSIM_MIN_SIDE` pixels before any work is done."""
+    for img in images:
+        h, w = img.crop[2], img.crop[3]
+        if min(h, w) <= MS_SSIM_MIN_SIDE:
+            raise LicError(f"image {img.name!r} is {w}x{h}: T3's MS-SSIM needs more than {MS_SSIM_MIN_SIDE} pixels on "
+                           "each side; give larger --images or leave T3 out (e.g. --tiers T0,T1,T2)")
+
+
 def synthetic(batch_index: int, height: int = 256, width: int = 256, seed: int = 0) -> torch.Tensor:
     """One deterministic test image [1, 3, H, W] in [0, 1] (fixture formula, float64 then float32)."""
     h = np.arange(height, dtype=np.float64)[:, None] / height

@@ -368,7 +368,10 @@ def verify_release(
     names = output_names(sources)
     run_on = device_mod.resolve(device)
     wanted = [t for t in ALL_TIERS if t in set(tiers)]
-    image_names = [i.name for i in images_mod.load(images)]  # a bad image set is a usage error, up front
+    loaded = images_mod.load(images)  # a bad image set is a usage error, up front
+    if "T3" in wanted:
+        images_mod.require_ms_ssim_size(loaded)
+    image_names = [i.name for i in loaded]
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LicError(f"{out_dir}: exists and is not a folder")
