@@ -95,6 +95,9 @@ def test_two_checkpoints_one_release(acceptance):
     assert "every checkpoint passed" in md and "`ckpt_lambda0.013`" in md and "λ 0.013" in md
     assert "2/2 passed" in stdout
     assert "[1/2 images]" in stderr and "[2/2 images]" in stderr  # plain progress lines: stderr is no TTY
+    # one tick per image as the model tiers finish it, then the checkpoint's verdict
+    assert "[1/2 images] ckpt_lambda0.0035: one done" in stderr and "[2/2 images] ckpt_lambda0.013: one done" in stderr
+    assert stderr.index("ckpt_lambda0.0035: one done") < stderr.index("ckpt_lambda0.0035: passed")
 
 
 def test_rd_plot_is_a_real_png(acceptance):

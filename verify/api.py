@@ -217,6 +217,7 @@ def verify_checkpoint(
     check_integrity: bool = True,
     device: str | torch.device | None = "cpu",
     models: ModelCache | None = None,
+    on_image: Callable[[int], None] | None = None,
 ) -> ParityReport:
     """Check that the CompressAI-layout model computes what the upstream model computes.
 
@@ -225,6 +226,7 @@ def verify_checkpoint(
     ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``) is where the T1 forward of both models runs
     (entropy coding stays on the CPU; see ``device.py``).  ``models``, a :class:`ModelCache`, reuses
     the models of a configuration built for an earlier checkpoint (weights reassigned, not rebuilt).
+    ``on_image(i)`` is called once per test image when the model tiers are done with it (progress).
     """
     run_on = device_mod.resolve(device)
     if device_mod.off_cpu(run_on) and (upstream_repo is not None or target != "ours"):
@@ -329,7 +331,7 @@ def verify_checkpoint(
         report.runtime = device_mod.runtime(run_on, "T2" in model_tiers or "T3" in model_tiers)
         if installed_cls is None:
             _run_model_tiers(report, model_tiers, reference, tgt_model, test_images, tol, timings, say,
-                             save_outputs, detection, device=run_on)
+                             save_outputs, detection, device=run_on, ticks=_ImageTicks(on_image, len(test_images)))
         else:
             stage = ["T1: forward"]
 
@@ -339,7 +341,8 @@ def verify_checkpoint(
 
             try:
                 _run_model_tiers(report, model_tiers, reference, tgt_model, test_images, tol, timings, say_stage,
-                                 save_outputs, detection, installed=True)
+                                 save_outputs, detection, installed=True,
+                                 ticks=_ImageTicks(on_image, len(test_images)))
             except LicError:
                 raise
             except Exception as error:  # noqa: BLE001 - the installed code's own failure, reported in one line
@@ -378,8 +381,25 @@ class _AuthorsCode:
                              self.state_dict, test_images, coding=coding, spec=self.spec)
 
 
+class _ImageTicks:
+    """Calls ``on_image(i)`` once per image, as soon as the model tiers are done with it."""
+
+    def __init__(self, on_image: Callable[[int], None] | None, count: int) -> None:
+        self.on_image, self.count, self.done = on_image, count, 0
+
+    def tick(self, index: int) -> None:
+        if self.on_image is not None and index == self.done:
+            self.done += 1
+            self.on_image(index)
+
+    def finish(self) -> None:
+        while self.done < self.count:
+            self.tick(self.done)
+
+
 def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, timings, say, save_outputs, detection,
-                     installed: bool = False, device: torch.device | None = None):
+                     installed: bool = False, device: torch.device | None = None, ticks: _ImageTicks | None = None):
+    ticks = ticks or _ImageTicks(None, 0)
     t = time.perf_counter()
     say("T1: forward")
     coding = "T2" in wanted or "T3" in wanted
@@ -401,7 +421,13 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
     elif on_device is not None and not coding:
         tgt_out = on_device[1]
     else:
-        tgt_out = [_forward(tgt_model, img.x, True) for img in test_images]
+        tgt_out = []
+        for i, img in enumerate(test_images):
+            tgt_out.append(_forward(tgt_model, img.x, True))
+            if not coding:
+                ticks.tick(i)
+    if not coding:
+        ticks.finish()  # forward passes run all at once (on a device, in the authors' process)
     timings["forward"] = time.perf_counter() - t
     if "T1" in wanted:
         report.tiers.append(tier1(test_images, *(on_device or (ref_out, tgt_out)), tol))
@@ -423,10 +449,15 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
             # master's decompress never clamps; it is held to the reference's convention: clamped to
             # [0, 1] where the authors' decompress clamps (then every decoded value lies inside)
             clamp = all(bool(((s.decoded >= 0) & (s.decoded <= 1)).all()) for s in ref_sides)
-            tgt_sides = [_installed_side(view, img.x, out, clamp) for img, out in zip(test_images, tgt_out)]
+            tgt_sides = []
+            for i, (img, out) in enumerate(zip(test_images, tgt_out)):
+                tgt_sides.append(_installed_side(view, img.x, out, clamp))
+                ticks.tick(i)
         else:
-            tgt_sides = [_target_side(tgt_model, img.x, out, ref)
-                         for img, out, ref in zip(test_images, tgt_out, ref_sides)]
+            tgt_sides = []
+            for i, (img, out, ref) in enumerate(zip(test_images, tgt_out, ref_sides)):
+                tgt_sides.append(_target_side(tgt_model, img.x, out, ref))
+                ticks.tick(i)
         timings["coding"] = time.perf_counter() - t
         table = _slice_gaussian(tgt_model.latent_codec.y.latent_codec["y0"]).scale_table
         if "T2" in wanted and view is not None and not view.observable:

@@ -383,6 +383,7 @@ def verify_release(
         for src, name in zip(sources, names):
             t = time.perf_counter()
             row = ReleaseRow(name=name, source=str(src), operating_point=operating_point(src.name))
+            before = progress.done
             folder = out_dir / name
             try:
                 progress.stage(name, "converting")
@@ -395,7 +396,8 @@ def verify_release(
                 report = verify_checkpoint(
                     src, folder, family=family, images=images, tiers=wanted, tolerances=tolerances, target=target,
                     trust_pickle=trust_pickle, upstream_repo=upstream_repo, check_integrity=check_integrity,
-                    device=run_on, models=models, progress=lambda m, n=name: progress.stage(n, m))
+                    device=run_on, models=models, progress=lambda m, n=name: progress.stage(n, m),
+                    on_image=lambda i, n=name: progress.advance(1, f"{n}: {image_names[i]} done"))
                 report.write(folder)
                 summarize(row, report)
             except LicError as error:
@@ -409,7 +411,8 @@ def verify_release(
             rows.append(row)
             if on_row is not None:
                 on_row(row)
-            progress.advance(len(image_names), f"{name}: {row.verdict}" + (f" ({row.why})" if row.why else ""))
+            ticked = progress.done - before
+            progress.advance(len(image_names) - ticked, f"{name}: {row.verdict}" + (f" ({row.why})" if row.why else ""))
     finally:
         progress.close()
     runtime = {**device_mod.runtime(run_on, "T2" in wanted or "T3" in wanted), "threads": torch.get_num_threads()}
