@@ -17,6 +17,7 @@ pytest's basetemp is removed when the session ends.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import OrderedDict
 from functools import lru_cache
@@ -176,6 +177,19 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _tree_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (or of ``path`` itself); links count nothing (pytest links
+    ``<name>current`` to the newest numbered folder)."""
+    if path.is_symlink():
+        return 0
+    if not path.is_dir():
+        return _size(path)
+    total = 0
+    for folder, _, files in os.walk(path):
+        total += sum(_size(Path(folder) / f) for f in files)
+    return total
+
+
 class CheckpointStore:
     """Upstream-format checkpoints rebuilt from the golden fixtures, written once and shared.
 
@@ -238,11 +252,27 @@ def converted(checkpoints):
     cache.clear()
 
 
+#: what one module may leave in pytest's basetemp once it is done (the whole run must stay within 2 GB)
+LEFT_BEHIND_BUDGET = 512 * 2**20
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _checkpoints_last_one_module(checkpoints):
-    """The shared checkpoints serve one module at a time: removed when a module is done."""
+def _checkpoints_last_one_module(checkpoints, tmp_path_factory):
+    """The shared checkpoints serve one module at a time: removed when a module is done.
+
+    Then (this runs after the module's own fixtures are gone) the module must not have left more than
+    :data:`LEFT_BEHIND_BUDGET` in basetemp: files a module keeps would add up over the session.
+    """
     yield
     checkpoints.clear()
+    base = tmp_path_factory.getbasetemp()
+    sizes = {p: _tree_size(p) for p in base.iterdir()}
+    left = sum(sizes.values())
+    if left > LEFT_BEHIND_BUDGET:
+        _remove_large_files(base)  # so that the next module is not blamed too
+        largest = ", ".join(f"{p.name} {n / 2**20:.0f} MB" for p, n in sorted(sizes.items(), key=lambda i: -i[1])[:3])
+        pytest.fail(f"this module left {left / 2**20:.0f} MB in {base} (at most {LEFT_BEHIND_BUDGET // 2**20} MB): "
+                    f"remove its large files when it is done (largest: {largest})")
 
 
 def remove_tree(path: Path) -> None:

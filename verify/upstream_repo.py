@@ -11,7 +11,7 @@ A mapping's ``upstream.run`` section says what the child needs to know of a repo
 from the common shape (every key optional)::
 
     run:
-      path: MLIC++                       # the clone's folder that holds the module's package ("" = its root)
+      path: Code                         # the clone's folder that holds the module's package ("" = its root)
       shims: [ste_round, cuda_synchronize]   # run-time stand-ins, the clone is never edited
       wrap_kwargs: {config: "utils.utils:Config"}   # a kwarg the class takes as an object of the clone's
       likelihoods: {y: y_likelihoods, z: z_likelihoods}   # forward()'s likelihood names
@@ -21,7 +21,7 @@ from the common shape (every key optional)::
 
 Shims: ``ste_round`` gives ``compressai.ops`` the name compressai <= 1.2.6 used for ``quantize_ste``;
 ``cuda_synchronize`` makes ``torch.cuda.synchronize`` a no-op where there is no CUDA (code that calls
-it around coding for timing).  A clone that bundles its own ``compressai`` sources (STF) gets the
+it around coding for timing).  A clone that bundles its own ``compressai`` sources gets the
 installed compressai's compiled ``ans``/``_CXX`` modules, as its own are never built by a clone.
 When the forward does not return ``para`` (y, means, scales), they are read from the inputs of the
 model's ``gaussian_conditional`` calls during that forward, concatenated in call order.
@@ -92,7 +92,7 @@ def run_reference(repo: Path, module: str, class_name: str, kwargs: Mapping[str,
     root = repo / spec["path"]
     package = module.split(".")[0]
     if spec["path"] and not (root / package).is_dir() and (repo / package).is_dir():
-        root = repo  # the user gave the sub-folder itself (e.g. the clone's MLIC++/)
+        root = repo  # the user gave the sub-folder itself
     if not (root / package).is_dir():
         where = f"{spec['path']}/{package}" if spec["path"] else package
         raise LicError(f"{repo}: no '{where}' package here; give the root of your clone of the authors' repository")
