@@ -429,8 +429,11 @@ def _run_stage(entries: list[_Entry], rules: list[Rule], variables, result: Plan
             out.append(_Entry(target, step, value, _spell(rule, rule.target, rule.for_each, e, captures, spell)))
     # a synthesized tensor dropped on the way back is sized from the key it was made for, which this
     # stage's inverse has just restored among its outputs
+    made_for: dict[str, list[tuple[dict, _Entry]]] = {}  # rule name -> (captures, entry) of the keys it sizes from
     for e, rule, captures in checked:
-        result.checked_drops.append(_checked_drop(e, rule, captures, out, variables))
+        if rule.value.kind != "literal" and rule.name not in made_for:
+            made_for[rule.name] = [(c, o) for o in out if (c := rule.for_each.match(o.key)) is not None]
+        result.checked_drops.append(_checked_drop(e, rule, captures, made_for.get(rule.name, []), variables))
     return out
 
 
@@ -444,12 +447,12 @@ class CheckedDrop:
     env: Mapping[str, Any] | None  # None: no key to size the expected value from
 
 
-def _checked_drop(e: _Entry, rule: Rule, captures, entries: list[_Entry], variables) -> CheckedDrop:
+def _checked_drop(e: _Entry, rule: Rule, captures, candidates: list[tuple[dict, _Entry]], variables) -> CheckedDrop:
+    """``candidates``: the stage's outputs that ``rule.for_each`` matches, with their captures."""
     if rule.value.kind == "literal":
         return CheckedDrop(e.key, rule, e.step, dict(variables))
-    for other in entries:
-        c = rule.for_each.match(other.key)
-        if c is not None and all(c.get(n) == v for n, v in captures.items() if n in c):
+    for c, other in candidates:
+        if all(c.get(n) == v for n, v in captures.items() if n in c):
             env = {**variables, **c, "shape": list(other.meta.shape), "ndim": other.meta.dim()}
             return CheckedDrop(e.key, rule, e.step, env)
     return CheckedDrop(e.key, rule, e.step, None)
@@ -460,28 +463,37 @@ def _origin(step: Step) -> str:
 
 
 class _RuleIndex:
-    """A stage's matching rules by the first dotted segment of the keys they can match.
+    """A stage's matching rules by the leading and the last dotted segments of the keys they can match.
 
-    A key is tried only against the rules whose patterns start with its first segment, and the
-    rules whose patterns start with a capture, in the stage's order: the same first match as
-    trying every rule, without running most of the patterns.
+    A pattern that begins with literal segments (``latent_codec.y.``) can only match keys that begin
+    with them; one that ends with a literal segment (``.weight``), keys that end with it.  A key is tried
+    only against the patterns it can match, in the stage's order (a rule's ``from:`` alternatives in
+    theirs): the same first match as trying every rule, without running most of the patterns.
     """
 
+    _DEPTH = 3  # leading segments indexed
+
     def __init__(self, rules: list[Rule]) -> None:
-        self._rules = [r for r in rules if r.kind != "synthesize"]
-        firsts: list[set[str] | None] = []
-        for rule in self._rules:
-            heads = [p.head for p in rule.sources]
-            firsts.append(None if any("." not in h for h in heads) else {h.split(".", 1)[0] for h in heads})
-        self._any = [r for r, f in zip(self._rules, firsts) if f is None]
-        self._by_first = {
-            segment: [r for r, f in zip(self._rules, firsts) if f is None or segment in f]
-            for segment in set().union(*(f for f in firsts if f is not None))
-        }
+        self._patterns: list[tuple[Rule, KeyPattern, tuple[str, ...], str | None]] = []
+        for rule in rules:
+            if rule.kind == "synthesize":
+                continue
+            for pattern in rule.sources:
+                lead = tuple(pattern.head.split(".")[:-1][: self._DEPTH])
+                last = pattern.tail.rsplit(".", 1)[1] if "." in pattern.tail else None
+                self._patterns.append((rule, pattern, lead, last))
+        self._candidates: dict[tuple[tuple[str, ...], str], list[tuple[Rule, KeyPattern]]] = {}
 
     def first_match(self, key: str) -> tuple[Rule | None, dict[str, Any]]:
-        for rule in self._by_first.get(key.split(".", 1)[0], self._any):
-            captures = rule.match(key)
+        segments = key.split(".")
+        ends = (tuple(segments[: self._DEPTH]), segments[-1])
+        candidates = self._candidates.get(ends)
+        if candidates is None:
+            candidates = self._candidates[ends] = [
+                (rule, pattern) for rule, pattern, lead, last in self._patterns
+                if ends[0][: len(lead)] == lead and (last is None or last == ends[1])]
+        for rule, pattern in candidates:
+            captures = pattern.match(key)
             if captures is not None:
                 return rule, captures
         return None, {}

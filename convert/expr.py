@@ -7,6 +7,7 @@ functions ``min``/``max`` are allowed; anything else is refused before evaluatio
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 from typing import Any, Mapping
 
@@ -19,12 +20,18 @@ class ExprError(ValueError):
 
 
 def parse(text: str | int) -> ast.AST:
+    """The checked syntax tree of an expression (made once per text: mappings repeat theirs per key)."""
     if isinstance(text, bool):
         raise ExprError(f"expected a number or an expression, got {text!r}")
     if isinstance(text, int):
         return ast.Constant(text)
     if not isinstance(text, str):
         raise ExprError(f"expected a number or an expression, got {text!r}")
+    return _parse_text(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_text(text: str) -> ast.AST:
     try:
         tree = ast.parse(text, mode="eval").body
     except SyntaxError as exc:

@@ -30,7 +30,8 @@ class KeyPattern:
     names: tuple[str, ...] = field(init=False)
     types: tuple[str, ...] = field(init=False)
     _regex: re.Pattern = field(init=False, repr=False, compare=False)
-    #: the literal text before the first capture (a quick refusal before the regex)
+    #: the literal text before the first capture (with the last piece, the literal text after the last
+    #: capture: a quick refusal before the regex)
     _head: str = field(init=False, repr=False, compare=False)
     #: the template as literal parts and capture names, alternately (literal first)
     _pieces: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -69,7 +70,7 @@ class KeyPattern:
 
     def match(self, key: str) -> dict[str, str | int] | None:
         """Captured values (ints for ``int`` captures), or None when the key does not match."""
-        if not key.startswith(self._head):
+        if not (key.startswith(self._head) and key.endswith(self._pieces[-1])):
             return None
         m = self._regex.match(key)
         if m is None:
@@ -92,6 +93,11 @@ class KeyPattern:
     def head(self) -> str:
         """The literal text every matching key starts with (before the first capture)."""
         return self._head
+
+    @property
+    def tail(self) -> str:
+        """The literal text every matching key ends with (after the last capture)."""
+        return self._pieces[-1]
 
     @property
     def is_literal(self) -> bool:
