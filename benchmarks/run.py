@@ -54,6 +54,8 @@ TARGETS = {
     "lic-verify time / bare model runs": 1.15,  # at most
     "per-file speed-up of one call for many files": 1.2,  # at least
     "lic-convert wall / master converter wall": 1.0,  # at most
+    "release: one call / separate lic-verify processes": 0.8,  # at most
+    "release: one call / bare work": 1.2,  # at most
 }
 AT_LEAST = {"conversion throughput / raw copy throughput", "per-file speed-up of one call for many files"}
 
@@ -289,7 +291,67 @@ def child_master_loads(name: str, master_out: str, ours_dir: str) -> None:
     print(json.dumps(result))
 
 
+def child_release_inputs(folder: str, name: str, count: str, pictures: str, height: str, width: str) -> None:
+    """``count`` checkpoints of one configuration (seeds 0, 1, ...) and ``pictures`` PNG images of
+    ``height`` x ``width`` (the synthetic test pattern, 8-bit) in ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    from lic_checkpoints.convert import demo
+    from lic_checkpoints.verify import images
+
+    root = Path(folder)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for seed in range(int(count)):
+        path = root / f"{name}_seed{seed}.pth.tar"
+        if not path.exists():
+            demo.demo_checkpoint(name, path, seed=seed)
+    for i in range(int(pictures)):
+        x = images.synthetic(i, int(height), int(width))[0].permute(1, 2, 0).numpy()
+        Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)).save(root / "images" / f"img{i}.png")
+
+
+def child_bare_release(name: str, checkpoint: str, converted_dir: str, image_dir: str) -> None:
+    """The bare work of verifying one checkpoint on a set of images: both models built the ordinary way
+    (constructor + load_state_dict), then per image two forward passes and two compress/decompress."""
+    import importlib
+
+    import torch
+
+    importlib.import_module("compressai.models")
+    from safetensors.torch import load_file
+
+    from lic_checkpoints.convert import api, registry
+    from lic_checkpoints.convert.checkpoint import read_checkpoint
+    from lic_checkpoints.verify import images
+    from lic_checkpoints.verify.builders import canonical_upstream_names, upstream_class
+    from lic_checkpoints.verify.models.compressai.installed import target_class
+
+    torch.set_num_threads(2)
+    facts = registry.configuration(name).family.extra.get("input", {})
+    inputs = images.load(image_dir, **{k: facts[k] for k in ("multiple", "minimum") if k in facts})
+    family = _family_of(name)
+    started = time.perf_counter()
+    detection, _ = api.plan_conversion(read_checkpoint(checkpoint))
+    upstream = upstream_class(family)(**detection.variant.upstream_kwargs)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    upstream.load_state_dict(canonical_upstream_names({k.replace("module.", ""): v for k, v in state.items()}))
+    target = target_class(family)(**detection.variant.target_kwargs)
+    target.load_state_dict(load_file(str(Path(converted_dir) / api.MODEL_FILE)))
+    with torch.no_grad():
+        for model in (upstream.eval(), target.eval()):
+            for img in inputs:
+                model(img.x)
+            model.update(force=True)
+            for img in inputs:
+                coded = model.compress(img.x)
+                model.decompress(coded["strings"], coded["shape"])
+    print(json.dumps({"seconds": time.perf_counter() - started}))
+
+
 CHILD_ROLES = {
+    "release-inputs": child_release_inputs,
+    "bare-release": child_bare_release,
     "master-loads": child_master_loads,
     "synthesize": child_synthesize,
     "naive": child_naive,
@@ -466,6 +528,57 @@ def section_verify(bench: Bench, sizes: Sequence[int]) -> None:
         bench.record("lic-verify time / bare model runs", f"{VERIFY_MODEL} {size}px (processes)", process_ratio)
 
 
+def section_release(bench: Bench, name: str, checkpoints: int, pictures: int, height: int, width: int) -> None:
+    """A release verified in one call against separate lic-verify processes and against the bare work;
+    peak memory of one verification against one upstream forward pass at that image size.
+
+    Each command runs once (no warm-up round: a round takes minutes), in turn.
+    """
+    folder = bench.work / "release"
+    print(f"\n== a release: {checkpoints} checkpoints of {name} x {pictures} images of {width}x{height}, "
+          f"every tier  ({load_note()})")
+    run_child(child_argv("release-inputs", folder, name, checkpoints, pictures, height, width))
+    sources = [folder / f"{name}_seed{i}.pth.tar" for i in range(checkpoints)]
+    converted = [folder / f"converted{i}" for i in range(checkpoints)]
+    for src, out in zip(sources, converted):  # untimed: the bare work starts from converted files
+        if not out.exists():
+            run_child([bench.lic_convert, str(src), "-o", str(out)])
+    verify = console_script("lic-verify")
+    image_dir = folder / "images"
+    one_image = folder / "one.safetensors"
+    run_child([sys.executable, "-c", "import sys; from safetensors.torch import save_file; "
+               "from lic_checkpoints.verify import images; "
+               "save_file({'x': images.load(sys.argv[1])[0].x}, sys.argv[2])", str(image_dir), str(one_image)])
+
+    batched = run_child([verify, *map(str, sources), "--images", str(image_dir), "--out-dir", str(bench.out("release")),
+                         "--quiet"])
+    bench.clean_out()
+    separate = [run_child([verify, str(s), "--images", str(image_dir), "--quiet"]) for s in sources]
+    bare = [run_child(child_argv("bare-release", name, s, c, image_dir)) for s, c in zip(sources, converted)]
+    forward = run_child(child_argv("bare-model", "upstream", name, sources[0], converted[0], one_image))
+    pairs = checkpoints * pictures
+    per = {"one call": batched.wall / pairs, "separate processes": sum(p.wall for p in separate) / pairs,
+           "bare work (processes)": sum(p.wall for p in bare) / pairs,
+           "bare work (in-process)": sum(p.report["seconds"] for p in bare) / pairs}
+    for label, seconds in per.items():
+        print(f"  {label:24s} {seconds:7.2f} s per checkpoint-image")
+    print(f"  separate runs (wall): {' '.join(f'{p.wall:.1f}' for p in separate)}; "
+          f"bare (wall): {' '.join(f'{p.wall:.1f}' for p in bare)}")
+    ratio_separate = per["one call"] / per["separate processes"]
+    ratio_bare = per["one call"] / per["bare work (processes)"]
+    print(f"  one call / separate processes = {ratio_separate:.2f}   one call / bare work = {ratio_bare:.2f}"
+          f"   (one call / bare in-process work = {per['one call'] / per['bare work (in-process)']:.2f})")
+    single_peak = max(p.peak_mb for p in separate)
+    print(f"  peak RSS: one call {batched.peak_mb:.0f} MB, one verification {single_peak:.0f} MB, "
+          f"bare work {max(p.peak_mb for p in bare):.0f} MB, one upstream forward at {width}x{height} "
+          f"{forward.peak_mb:.0f} MB -> one verification / one forward = {single_peak / forward.peak_mb:.2f}, "
+          f"one call / one forward = {batched.peak_mb / forward.peak_mb:.2f}")
+    bench.record("release: one call / separate lic-verify processes", name, ratio_separate)
+    bench.record("release: one call / bare work", name, ratio_bare)
+    bench.record("lic-verify peak RSS / single-model peak RSS", f"{name} {width}x{height} (one verification)",
+                 single_peak / forward.peak_mb)
+
+
 def _master_folder() -> tuple[Path | None, str]:
     """The CompressAI master build of ``tools/install_master.py``, or why there is none."""
     sys.path.insert(0, str(THIS.parent.parent / "tools"))
@@ -572,7 +685,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="comma-separated configurations for the single-file and master sections "
                              "(default: the largest of each family; with --quick the largest of all)")
     parser.add_argument("--sections", default="single,many,scaling,verify,master",
-                        help="comma-separated subset of single,many,scaling,verify,master")
+                        help="comma-separated subset of single,many,scaling,verify,master,release "
+                             "(release, a whole release verified at Kodak size, takes long: ask for it)")
+    parser.add_argument("--release", default=f"{VERIFY_MODEL}:4x4:512x768", metavar="CONF:NxM:HxW",
+                        help="the release section's configuration, checkpoints x images, and image size")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up even when the output goes to a file
     runs = args.runs or (3 if args.quick else 5)
@@ -586,8 +702,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench.clean_out()
         single = tuple(args.configurations.split(",")) if args.configurations else QUICK_SET if args.quick else FULL_SET
         many = (SMALL,) * 4  # per-process costs are what this section measures: the smallest file shows them best
-        print(f"synthesizing {', '.join(sorted({*single, *many, SMALL, LARGE, VERIFY_MODEL}))} into {work} ...")
-        run_child(child_argv("synthesize", work, *sorted({*single, *many, SMALL, LARGE, VERIFY_MODEL})))
+        needed = {*(single if sections & {"single", "master"} else ()), *(many if "many" in sections else ()),
+                  *((SMALL, LARGE) if "scaling" in sections else ()), *((VERIFY_MODEL,) if "verify" in sections else ())}
+        if needed:
+            print(f"synthesizing {', '.join(sorted(needed))} into {work} ...")
+            run_child(child_argv("synthesize", work, *sorted(needed)))
         print(f"runs per number: {runs} (after one warm-up)")
         inproc: dict[str, list[Sample]] = {}
         section_started = time.perf_counter()
@@ -616,6 +735,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "master" in sections:
             section_master(bench, single)
             done("master")
+        if "release" in sections:
+            conf, counts, size = args.release.split(":")
+            checkpoints, pictures = (int(v) for v in counts.split("x"))
+            height, width = (int(v) for v in size.split("x"))
+            section_release(bench, conf, checkpoints, pictures, height, width)
+            done("release")
         print_summary(bench)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 

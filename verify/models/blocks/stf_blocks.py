@@ -33,6 +33,7 @@ __all__ = [
     "ResidualUnit",
     "SwinBlock",
     "SwinStage",
+    "SwinTransforms",
     "WindowAttentionModule",
     "WindowAttentionUnit",
     "hyper_analysis",
@@ -205,6 +206,27 @@ class SwinStage(nn.Module):
         if self.downsample is None:
             return x, height, width
         return self.downsample(x, height, width), *self.downsample.output_size(height, width)
+
+
+class SwinTransforms:
+    """``analysis`` and ``synthesis`` of STF, for a model holding ``patch_embed``, the ``layers`` and
+    ``syn_layers`` stages, ``end_conv``, ``latent_channels`` and ``embed_dim`` (both STF models, whose
+    keys agree there): images to token sequences and back, stage by stage."""
+
+    def analysis(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)
+        height, width = x.shape[-2:]
+        tokens = x.flatten(2).transpose(1, 2)
+        for stage in self.layers:
+            tokens, height, width = stage(tokens, height, width)
+        return tokens.view(-1, height, width, self.latent_channels).permute(0, 3, 1, 2).contiguous()
+
+    def synthesis(self, y_hat: Tensor) -> Tensor:
+        height, width = y_hat.shape[-2:]
+        tokens = y_hat.permute(0, 2, 3, 1).contiguous().view(-1, height * width, self.latent_channels)
+        for stage in self.syn_layers:
+            tokens, height, width = stage(tokens, height, width)
+        return self.end_conv(tokens.view(-1, height, width, self.embed_dim).permute(0, 3, 1, 2).contiguous())
 
 
 class PatchEmbed(nn.Module):

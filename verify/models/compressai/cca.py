@@ -27,7 +27,7 @@ from ..blocks.slice_transforms import SliceTransform
 from ..upstream.base import check_upstream_input_size
 from ..upstream.cca import HYPER_STRIDE, INPUT_MINIMUM, INPUT_MULTIPLE, slice_sizes
 from .compat import FromStateDict, IncompatibleStateDictError, key_shape
-from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior
+from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, compressed
 
 __all__ = ["CCAModel", "CCASliceContext"]
 
@@ -183,11 +183,8 @@ class CCAModel(FromStateDict, CompressionModel):
         """Master's bitstream: ``strings = [y0, ..., y4, z]``, ``shape = {"y": (M, H, W), "z": (H_z, W_z)}``;
         ``return_symbols`` adds the coded integers and scale indexes."""
         self.check_input_size(x)
-        coded = self.latent_codec.compress(self.g_a(x), return_symbols=return_symbols)
-        out: dict[str, Any] = {"strings": coded["strings"], "shape": coded["shape"]}
-        if return_symbols:
-            out["symbols"], out["indexes"] = coded["symbols"], coded["indexes"]
-        return out
+        return compressed(self.latent_codec.compress(self.g_a(x), return_symbols=return_symbols),
+                          return_symbols)
 
     def decompress(self, strings: Sequence[Sequence[bytes]], shape: Mapping[str, Sequence[int]],
                    **kwargs: Any) -> dict[str, Tensor]:

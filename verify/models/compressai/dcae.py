@@ -29,7 +29,7 @@ from ..blocks.residual_bottleneck import (
 from ..blocks.slice_transforms import SliceTransform
 from .compat import FromStateDict, IncompatibleStateDictError, key_shape, require_key
 from .dictionary_heads import DictionaryContextHead, SharedDictionary, dictionary_width
-from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, leading_support
+from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, compressed, leading_support
 
 __all__ = ["DCAE", "analysis_transform", "synthesis_transform"]
 
@@ -241,11 +241,8 @@ class DCAE(FromStateDict, CompressionModel):
         return out
 
     def compress(self, x: Tensor, return_symbols: bool = False) -> dict[str, Any]:
-        coded = self.latent_codec.compress(self.analysis(x), return_symbols=return_symbols)
-        out: dict[str, Any] = {"strings": coded["strings"], "shape": coded["shape"]}
-        if return_symbols:
-            out["symbols"], out["indexes"] = coded["symbols"], coded["indexes"]
-        return out
+        return compressed(self.latent_codec.compress(self.analysis(x), return_symbols=return_symbols),
+                          return_symbols)
 
     def decompress(self, strings: Sequence[Sequence[bytes]], shape: Mapping[str, Sequence[int]],
                    **kwargs: Any) -> dict[str, Tensor]:

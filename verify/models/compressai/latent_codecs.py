@@ -53,6 +53,7 @@ __all__ = [
     "SliceHyperpriorCodec",
     "SteBottleneckLatentCodec",
     "build_slice_hyperprior",
+    "compressed",
     "leading_support",
 ]
 
@@ -69,6 +70,15 @@ def leading_support(num_slices: int, max_support_slices: int) -> list[tuple[int,
         raise ValueError(f"num_slices must be at least 1, got {num_slices}")
     limit = num_slices if max_support_slices < 0 else max_support_slices
     return [tuple(range(min(k, limit))) for k in range(num_slices)]
+
+
+def compressed(coded: Mapping[str, Any], return_symbols: bool) -> dict[str, Any]:
+    """A model's ``compress`` result from its latent codec's: master's ``strings`` and ``shape``, and
+    with ``return_symbols`` the coded integers and scale indexes."""
+    out: dict[str, Any] = {"strings": coded["strings"], "shape": coded["shape"]}
+    if return_symbols:
+        out["symbols"], out["indexes"] = coded["symbols"], coded["indexes"]
+    return out
 
 
 class DualHyperSynthesis(nn.Module):

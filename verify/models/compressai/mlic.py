@@ -58,7 +58,7 @@ from ..blocks.mlic_blocks import (
 from ..upstream.base import check_upstream_input_size
 from ..upstream.mlic import HEAD_WIDTH, HYPER_STRIDE, INPUT_MINIMUM, INPUT_MULTIPLE
 from .compat import FromStateDict, IncompatibleStateDictError, key_shape
-from .latent_codecs import SideContextSliceCodec, SliceHyperpriorCodec, SteBottleneckLatentCodec
+from .latent_codecs import SideContextSliceCodec, SliceHyperpriorCodec, SteBottleneckLatentCodec, compressed
 
 __all__ = ["CheckerboardSliceCodec", "MLICPlusPlus", "MLICPriorAggregation", "MLICSliceCodec", "SliceContext"]
 
@@ -274,11 +274,8 @@ class MLICPlusPlus(FromStateDict, CompressionModel):
         ``shape = {"y": (M, H, W), "z": (H_z, W_z)}``; ``return_symbols`` adds the coded integers
         and scale indexes per slice (both passes in the unpacked layout)."""
         self.check_input_size(x)
-        coded = self.latent_codec.compress(self.g_a(x), return_symbols=return_symbols)
-        out: dict[str, Any] = {"strings": coded["strings"], "shape": coded["shape"]}
-        if return_symbols:
-            out["symbols"], out["indexes"] = coded["symbols"], coded["indexes"]
-        return out
+        return compressed(self.latent_codec.compress(self.g_a(x), return_symbols=return_symbols),
+                          return_symbols)
 
     def decompress(self, strings: Sequence[Sequence[bytes]], shape: Mapping[str, Sequence[int]],
                    **kwargs: Any) -> dict[str, Tensor]:

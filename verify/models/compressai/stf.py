@@ -31,6 +31,7 @@ from ..blocks.stf_blocks import (
     PatchMerging,
     PatchSplit,
     SwinStage,
+    SwinTransforms,
     WindowAttentionModule,
     hyper_analysis,
     hyper_synthesis,
@@ -45,7 +46,7 @@ from ..upstream.stf import (
     check_input_size,
 )
 from .compat import FromStateDict, IncompatibleStateDictError, require_key
-from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, leading_support
+from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, compressed, leading_support
 
 __all__ = ["SupportContextHead", "SymmetricalTransFormer", "WACNN"]
 
@@ -142,11 +143,8 @@ class _STFFamilyModel(FromStateDict, CompressionModel):
         """Master's bitstream: ``strings = [y0, ..., y{K-1}, z]``; ``return_symbols`` adds the coded
         integers and scale indexes."""
         self.check_input_size(x)
-        coded = self.latent_codec.compress(self.analysis(x), return_symbols=return_symbols)
-        out: dict[str, Any] = {"strings": coded["strings"], "shape": coded["shape"]}
-        if return_symbols:
-            out["symbols"], out["indexes"] = coded["symbols"], coded["indexes"]
-        return out
+        return compressed(self.latent_codec.compress(self.analysis(x), return_symbols=return_symbols),
+                          return_symbols)
 
     def decompress(self, strings: Sequence[Sequence[bytes]], shape: Mapping[str, Sequence[int]],
                    **kwargs: Any) -> dict[str, Tensor]:
@@ -165,7 +163,7 @@ class _STFFamilyModel(FromStateDict, CompressionModel):
         return len(slices), (widest - latent) // SLICE_CHANNELS
 
 
-class SymmetricalTransFormer(_STFFamilyModel):
+class SymmetricalTransFormer(SwinTransforms, _STFFamilyModel):
     """STF (symmetrical Swin transformer codec) with master's constructor and layout."""
 
     family = "STF"
@@ -245,20 +243,6 @@ class SymmetricalTransFormer(_STFFamilyModel):
             "patch_norm": self.patch_norm,
         }
 
-    def analysis(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)
-        height, width = x.shape[-2:]
-        tokens = x.flatten(2).transpose(1, 2)
-        for stage in self.layers:
-            tokens, height, width = stage(tokens, height, width)
-        return tokens.view(-1, height, width, self.latent_channels).permute(0, 3, 1, 2).contiguous()
-
-    def synthesis(self, y_hat: Tensor) -> Tensor:
-        height, width = y_hat.shape[-2:]
-        tokens = y_hat.permute(0, 2, 3, 1).contiguous().view(-1, height * width, self.latent_channels)
-        for stage in self.syn_layers:
-            tokens, height, width = stage(tokens, height, width)
-        return self.end_conv(tokens.view(-1, height, width, self.embed_dim).permute(0, 3, 1, 2).contiguous())
 
     @classmethod
     def infer_kwargs(cls, state_dict: Mapping[str, Tensor]) -> dict[str, Any]:

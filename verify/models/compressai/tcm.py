@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..blocks.slice_transforms import SliceTransform
 from ..upstream.base import check_upstream_input_size
 from .compat import FromStateDict, IncompatibleStateDictError, key_shape
-from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, leading_support
+from .latent_codecs import SliceHyperpriorCodec, build_slice_hyperprior, compressed, leading_support
 from .tcm_blocks import WLS, AuxTTransform, ConvTransBlock, SWAtten, iWLS
 
 __all__ = ["TCM", "TCMSliceContext"]
@@ -264,11 +264,8 @@ class TCM(FromStateDict, CompressionModel):
         per image each), ``shape = {"y": (M, H, W), "z": (H_z, W_z)}``. ``return_symbols`` adds the
         coded integers (``symbols: {"y": per slice, "z"}``) and the scale indexes."""
         self.check_input_size(x)
-        coded = self.latent_codec.compress(self.g_a(x), return_symbols=return_symbols)
-        out: dict[str, Any] = {"strings": coded["strings"], "shape": coded["shape"]}
-        if return_symbols:
-            out["symbols"], out["indexes"] = coded["symbols"], coded["indexes"]
-        return out
+        return compressed(self.latent_codec.compress(self.g_a(x), return_symbols=return_symbols),
+                          return_symbols)
 
     def decompress(
         self, strings: Sequence[Sequence[bytes]], shape: Mapping[str, Sequence[int]], **kwargs: Any

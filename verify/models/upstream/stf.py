@@ -33,6 +33,7 @@ from ..blocks.stf_blocks import (
     PatchMerging,
     PatchSplit,
     SwinStage,
+    SwinTransforms,
     WindowAttentionModule,
     hyper_analysis,
     hyper_synthesis,
@@ -103,7 +104,7 @@ class _STFSliceModel(UpstreamSliceModel):
         return mu, scale, mean_support
 
 
-class SymmetricalTransFormer(_STFSliceModel):
+class SymmetricalTransFormer(SwinTransforms, _STFSliceModel):
     """STF: Swin analysis and synthesis around the channel-slice entropy model (upstream signature)."""
 
     def __init__(
@@ -159,20 +160,6 @@ class SymmetricalTransFormer(_STFSliceModel):
         self.latent_channels = embed_dim * 2**last
         self._register_entropy_stack(self.latent_channels, STF_HYPER_ANALYSIS, STF_HYPER_SYNTHESIS)
 
-    def analysis(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)
-        height, width = x.shape[-2:]
-        tokens = x.flatten(2).transpose(1, 2)
-        for stage in self.layers:
-            tokens, height, width = stage(tokens, height, width)
-        return tokens.view(-1, height, width, self.latent_channels).permute(0, 3, 1, 2).contiguous()
-
-    def synthesis(self, y_hat: Tensor) -> Tensor:
-        height, width = y_hat.shape[-2:]
-        tokens = y_hat.permute(0, 2, 3, 1).contiguous().view(-1, height * width, self.latent_channels)
-        for stage in self.syn_layers:
-            tokens, height, width = stage(tokens, height, width)
-        return self.end_conv(tokens.view(-1, height, width, self.embed_dim).permute(0, 3, 1, 2).contiguous())
 
 
 class WACNN(_STFSliceModel):
