@@ -116,6 +116,11 @@ def main() -> None:
                           for k in COMPARED)
         lines.append(f"| {r['configuration']} | {r['seed']} | {verdict(r['authors'])} | {verdict(r['ours'])} | "
                      f"{diffs} |")
+    lines += ["", "Clones used (the repository and commit each mapping names):", ""]
+    for item in args.clones:
+        name, _, clone = item.partition("=")
+        upstream = registry.configuration(name).family.upstream
+        lines.append(f"- {name}: `{clone}`, {upstream.get('repo')} at `{str(upstream.get('commit'))[:12]}`")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     if any(r["authors"]["exit"] or r["ours"]["exit"] for r in rows):
