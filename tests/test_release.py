@@ -210,6 +210,23 @@ def test_operating_point_from_the_container_wins_over_the_file_name(tmp_path):
     assert release.container_operating_point({"lambda": -1, "q": 2.5, "hparams.lmbda": 0.01}) == {"lambda": 0.01}
 
 
+def test_image_ticks_reach_every_image_once_with_or_without_a_listener():
+    from lic_checkpoints.verify.api import _ImageTicks
+
+    silent = _ImageTicks(None, 3)
+    silent.tick(0)
+    silent.finish()  # no listener: it must still end
+    assert silent.done == 3
+    seen = []
+    ticks = _ImageTicks(seen.append, 4)
+    ticks.tick(0)
+    ticks.tick(0)  # the same image again: not counted twice
+    ticks.tick(2)  # out of order: ignored until image 1 is done
+    ticks.tick(1)
+    ticks.finish()
+    assert seen == [0, 1, 2, 3] and ticks.done == 4
+
+
 def test_plot_ticks_are_round_and_cover_the_range():
     from lic_checkpoints.verify.rd_plot import nice_ticks
 

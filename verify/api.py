@@ -388,13 +388,15 @@ class _ImageTicks:
         self.on_image, self.count, self.done = on_image, count, 0
 
     def tick(self, index: int) -> None:
-        if self.on_image is not None and index == self.done:
-            self.done += 1
+        if index != self.done:
+            return
+        self.done += 1
+        if self.on_image is not None:
             self.on_image(index)
 
     def finish(self) -> None:
-        while self.done < self.count:
-            self.tick(self.done)
+        for index in range(self.done, self.count):
+            self.tick(index)
 
 
 def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, timings, say, save_outputs, detection,
