@@ -104,8 +104,9 @@ def run_reference(repo: Path, module: str, class_name: str, kwargs: Mapping[str,
                "coding": coding, "count": len(images), "threads": threads or torch.get_num_threads(),
                "shims": spec["shims"], "wrap_kwargs": spec["wrap_kwargs"], "names": spec["names"]}
         (tmp / "job.json").write_text(json.dumps(job))
+        # run from the job folder: the user's working folder (maybe the clone itself) is not on the child's path
         proc = subprocess.run([sys.executable, "-m", "lic_checkpoints.verify._upstream_worker", str(tmp)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, cwd=tmp)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise LicError(f"the upstream code in {repo} failed: {last}")
