@@ -415,6 +415,9 @@ def _find_state_dict(obj: Any, path: Path) -> tuple[Any, str | None, list[str]]:
 
 #: top-level container entries whose plain entries are read too (training scripts save their options there)
 _OPTION_ENTRIES = ("args", "hparams", "config")
+#: at most this many container values are kept, with names and strings of at most 200 characters
+#: (a report quotes them; a hostile container cannot make it large)
+_MAX_VALUES, _MAX_TEXT = 64, 200
 
 
 def _plain_values(obj: Any, entry: str | None) -> dict[str, Any]:
@@ -422,15 +425,16 @@ def _plain_values(obj: Any, entry: str | None) -> dict[str, Any]:
     if entry is None or not isinstance(obj, dict):
         return {}
 
-    def plain(value: Any) -> bool:
-        return type(value) in (int, float, bool) or (type(value) is str and len(value) <= 200)
+    def plain(key: Any, value: Any) -> bool:
+        return isinstance(key, str) and len(key) <= _MAX_TEXT and (
+            type(value) in (int, float, bool) or (type(value) is str and len(value) <= _MAX_TEXT))
 
-    out = {str(k): v for k, v in obj.items() if k != entry and plain(v)}
+    out = {k: v for k, v in obj.items() if k != entry and plain(k, v)}
     for name in _OPTION_ENTRIES:
         options = obj.get(name)
         if isinstance(options, dict):
-            out.update({f"{name}.{k}": v for k, v in options.items() if isinstance(k, str) and plain(v)})
-    return out
+            out.update({f"{name}.{k}": v for k, v in options.items() if plain(k, v)})
+    return dict(list(out.items())[:_MAX_VALUES])
 
 
 def read_checkpoint(

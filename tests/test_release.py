@@ -208,6 +208,11 @@ def test_operating_point_from_the_container_wins_over_the_file_name(tmp_path):
     assert release.operating_point(path.name, source.container_values) == {"lambda": 0.0483, "quality": 3}
     assert release.operating_point(path.name, {"epoch": 3}) == {"lambda": 0.5}
     assert release.container_operating_point({"lambda": -1, "q": 2.5, "hparams.lmbda": 0.01}) == {"lambda": 0.01}
+    crowded = tmp_path / "crowded.pth.tar"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x" * 500: 1, "note": "y" * 500,
+                **{f"k{i}": i for i in range(100)}}, crowded)
+    source = read_checkpoint(crowded)
+    assert list(source.container_values) == [f"k{i}" for i in range(64)]  # long names and texts left out, 64 kept
 
 
 def test_image_ticks_reach_every_image_once_with_or_without_a_listener():
