@@ -144,10 +144,13 @@ def test_upstream_repo_without_models_package_is_a_usage_error(checkpoints, tmp_
 
 @pytest.mark.parametrize("run, fragment", [
     ({"bogus": 1}, "unknown key 'bogus'"),
-    ({"shims": ["monkeypatch_everything"]}, "names a shim outside"),
+    ({"shims": ["monkeypatch_everything"]}, "shims must be a list of names"),
+    ({"shims": "ste_round"}, "shims must be a list of names"),
+    ({"wrap_kwargs": ["config"]}, "wrap_kwargs must map"),
+    ({"likelihoods": "y_likelihoods"}, "may only rename"),
     ({"path": "/etc"}, "path must be a folder inside the clone"),
     ({"path": "../elsewhere"}, "path must be a folder inside the clone"),
-    ({"wrap_kwargs": {"config": "NoColon"}}, "module:Class"),
+    ({"wrap_kwargs": {"config": "NoColon"}}, "wrap_kwargs must map"),
     ({"likelihoods": {"w": "x"}}, "may only rename"),
     ({"entropy_bottleneck": ""}, "non-empty strings"),
 ])

@@ -60,14 +60,12 @@ def run_spec(upstream: Mapping[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(set(run) - _RUN_KEYS)
     if unknown:
         raise bad(f"has an unknown key {unknown[0]!r} (known: {', '.join(sorted(_RUN_KEYS))})")
-    shims = list(run.get("shims", []))
-    if not all(s in _SHIMS for s in shims):
-        raise bad(f"names a shim outside {sorted(_SHIMS)}")
-    wrap = dict(run.get("wrap_kwargs", {}))
-    if not all(isinstance(v, str) and ":" in v for v in wrap.values()):
-        raise bad("wrap_kwargs values must read 'module:Class'")
-    likelihoods = dict(run.get("likelihoods", {}))
-    if set(likelihoods) - {"y", "z"}:
+    shims, wrap, likelihoods = run.get("shims", []), run.get("wrap_kwargs", {}), run.get("likelihoods", {})
+    if not isinstance(shims, list) or not all(isinstance(s, str) and s in _SHIMS for s in shims):
+        raise bad(f"shims must be a list of names from {sorted(_SHIMS)}")
+    if not isinstance(wrap, Mapping) or not all(isinstance(v, str) and ":" in v for v in wrap.values()):
+        raise bad("wrap_kwargs must map kwargs to 'module:Class'")
+    if not isinstance(likelihoods, Mapping) or set(likelihoods) - {"y", "z"}:
         raise bad("likelihoods may only rename 'y' and 'z'")
     names = {"likelihoods_y": likelihoods.get("y", "y"), "likelihoods_z": likelihoods.get("z", "z")}
     for key, default in (("entropy_bottleneck", "entropy_bottleneck"), ("hyper_analysis", "h_a"),
@@ -78,7 +76,7 @@ def run_spec(upstream: Mapping[str, Any], where: str) -> dict[str, Any]:
     path = run.get("path", "")
     if not isinstance(path, str) or Path(path).is_absolute() or ".." in Path(path).parts:
         raise bad("path must be a folder inside the clone")
-    return {"path": path, "shims": shims, "wrap_kwargs": wrap, "names": names}
+    return {"path": path, "shims": list(shims), "wrap_kwargs": dict(wrap), "names": names}
 
 
 def run_reference(repo: Path, module: str, class_name: str, kwargs: Mapping[str, Any],
