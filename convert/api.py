@@ -9,6 +9,7 @@ the source spelled its keys (:class:`Spelling`, recorded by the conversion) unle
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,9 @@ from . import dtypes, engine, layouts, report, seal
 from .checkpoint import SourceCheckpoint, read_checkpoint
 from .detect import Detection
 from .errors import CheckpointError, ConversionError, OutputError
-from .finite import ByteRange, FileFiniteCheck, all_finite
+from .finite import all_finite
 from .ops import Spec
-from .writer import FileRange, output_lock, write_json, write_safetensors, write_torch
+from .writer import FileRange, FileRuns, output_lock, write_json, write_safetensors, write_torch
 
 if TYPE_CHECKING:  # the conversion itself never imports torch
     import torch
@@ -426,9 +427,9 @@ def convert_checkpoint(
     """Convert one upstream checkpoint into ``out_dir`` (``model.safetensors`` + ``config.json``).
 
     Nothing is written unless the plan is complete; each file is written atomically.  Tensors the
-    mapping only renames are copied file to file; only the ones a rule computes are read.  The model
-    file takes its name only after the source passed its integrity scan and every tensor its NaN/Inf
-    check.
+    mapping only renames, or only rearranges in runs of bytes, are copied file to file; only the ones a
+    rule computes are read.  The model file takes its name only after the source passed its integrity
+    scan and every tensor its NaN/Inf check.
     """
     own_source = source is None
     source = source or read_checkpoint(path, trust_pickle=trust_pickle, lazy=True)
@@ -452,27 +453,19 @@ def _convert(source: SourceCheckpoint, out_dir: Path, family, output_format, pro
     steps = plan.by_target()
     tensors = source.tensors
     copies = _copies(plan, source) if output_format == "safetensors" else {}
-    computed_non_finite: list[str] = []
 
     def produce(key: str):
         """A :class:`FileRange` for bytes copied as they are, else the computed value."""
         if key in copies:
             return copies[key]
-        value = engine.tensor(steps[key], tensors, as_numpy=source.lazy)
-        if not all_finite(value, steps[key].dtype):
-            computed_non_finite.append(key)
-        return value
+        return engine.tensor(steps[key], tensors, as_numpy=source.lazy)
 
-    def finish_checks() -> dict[str, str]:
-        """Wait for the background checks: the source's scan (raises if damaged) and the NaN/Inf one."""
-        bad = set(computed_non_finite) | set(check.result() if check else ())
+    def finish_checks(non_finite) -> dict[str, str]:
+        """The final metadata: waits for the source's scan (raises if the file is damaged)."""
+        bad = set(non_finite)
         result.non_finite = [s.target for s in plan.steps if s.target in bad]
         return safetensors_metadata(build_config(result))
 
-    check = None
-    if copies:
-        ranges = [ByteRange(key, r.offset, r.nbytes, steps[key].dtype) for key, r in copies.items()]
-        check = FileFiniteCheck(source.fileno, ranges)
     # One writer at a time per folder, so model and config always come from the same run.
     with output_lock(out_dir):
         if output_format == "safetensors":
@@ -490,7 +483,7 @@ def _convert(source: SourceCheckpoint, out_dir: Path, family, output_format, pro
         elif output_format == "pth":
             model_path = out_dir / "model.pth"
             values = {s.target: _as_torch(produce(s.target), s.dtype) for s in plan.steps}
-            finish_checks()
+            finish_checks(k for k, v in values.items() if not all_finite(v))
             write_torch(model_path, values)
             result.bytes_written = model_path.stat().st_size
         else:
@@ -512,17 +505,23 @@ def _as_torch(value, dtype: str):
     return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
-def _copies(plan: engine.Plan, source: SourceCheckpoint) -> dict[str, FileRange]:
-    """Target key -> the source bytes it is, for every tensor the mapping passes on unchanged."""
+def _copies(plan: engine.Plan, source: SourceCheckpoint) -> dict[str, FileRange | FileRuns]:
+    """Target key -> the source bytes it is, for every tensor the mapping passes on unchanged or only
+    rearranges in whole runs of bytes (e.g. ``swap_blocks``): those are copied file to file."""
     if not source.lazy:
         return {}
-    copies = {}
+    copies: dict[str, FileRange | FileRuns] = {}
     for step in plan.steps:
-        if step.action not in ("rename", "fan_out"):
+        if step.action not in ("rename", "fan_out", "transform"):
             continue
         where = source.locations[step.sources[0]]  # type: ignore[index]
-        if where.contiguous and where.dtype == dtypes.name(step.dtype):
+        if not where.contiguous or where.dtype != dtypes.name(step.dtype):
+            continue
+        if step.action != "transform":
             copies[step.target] = FileRange(source.fileno, where.offset, where.nbytes)
+        elif (runs := engine.byte_runs(step, Spec(where.shape, where.dtype))) is not None:
+            if sum(n for _, n in runs) == where.nbytes == math.prod(step.shape) * where.itemsize:
+                copies[step.target] = FileRuns(source.fileno, tuple((where.offset + at, n) for at, n in runs))
     return copies
 
 

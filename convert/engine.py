@@ -25,6 +25,7 @@ writes the first alternative, the canonical name, and checks the layout on those
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
@@ -35,7 +36,7 @@ from . import dtypes, expr
 from .detect import Detection
 from .errors import ConversionError
 from .layouts import Layout
-from .ops import Generator, Op, OpError, Spec, spec_of
+from .ops import Generator, Op, OpError, Spec, append_run, spec_of
 from .patterns import KeyPattern
 from .rules import Rule
 
@@ -525,6 +526,41 @@ def tensor(step: Step, source: Mapping[str, Any], *, own_storage: bool = False, 
     if step.fan_out and own_storage and step.action == "fan_out":
         value = value.copy() if isinstance(value, np.ndarray) else value.clone()
     return value
+
+
+def byte_runs(step: Step, spec: Spec) -> list[tuple[int, int]] | None:
+    """Where each byte of ``step``'s tensor lies in its one source's bytes (contiguous, of ``spec``), as
+    ``(offset, length)`` runs in order, when every op only moves bytes; None when some op computes."""
+    if step.generator is not None or step.fan_in:
+        return None
+    runs = [(0, spec.numel() * dtypes.get(spec.dtype).itemsize)]
+    for ops, env in step.transforms:
+        for op in ops:
+            moved = op.byte_runs(spec, env)
+            if moved is None:
+                return None
+            spec, op_runs = moved
+            runs = _follow_runs(runs, op_runs)
+    return [run for run in runs if run[1]]
+
+
+def _follow_runs(outer: list[tuple[int, int]], inner: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Compose byte moves: ``inner`` runs index the bytes that ``outer`` runs lay out one after another."""
+    if len(outer) == 1 and outer[0][0] == 0:
+        return list(inner)  # the bytes have not moved yet
+    starts, at = [], 0
+    for _, length in outer:
+        starts.append(at)
+        at += length
+    runs: list[tuple[int, int]] = []
+    for offset, length in inner:
+        i = bisect.bisect_right(starts, offset) - 1
+        while length:
+            within = offset - starts[i]
+            take = min(length, outer[i][1] - within)
+            append_run(runs, outer[i][0] + within, take)
+            offset, length, i = offset + take, length - take, i + 1
+    return runs
 
 
 def _equal(a, b) -> bool:

@@ -41,6 +41,22 @@ class Op:
         """Names the op's expressions use (checked against the mapping's variables at load time)."""
         return set()
 
+    def byte_runs(self, spec: "Spec", env: Mapping[str, Any]) -> "tuple[Spec, list[tuple[int, int]]] | None":
+        """For an op that only moves runs of bytes of a contiguous input: the result's spec and, in the
+        result's order, where its bytes lie in the input as ``(offset, length)`` runs.  None for an op
+        that computes values (the writer then computes the tensor instead of copying its bytes)."""
+        return None
+
+
+def append_run(runs: list[tuple[int, int]], offset: int, length: int) -> None:
+    """Add a run of bytes, merged into the last one when it continues it."""
+    if not length:
+        return
+    if runs and runs[-1][0] + runs[-1][1] == offset:
+        runs[-1] = (runs[-1][0], runs[-1][1] + length)
+    else:
+        runs.append((offset, length))
+
 
 class Spec:
     """The shape and dtype (a name) of a tensor to be: what planning pushes through the ops."""
@@ -127,6 +143,17 @@ class SwapBlocks(Op):
         first, second, rest = torch.split(tensor, [a, b, tensor.shape[self.dim] - a - b], dim=self.dim)
         return torch.cat([second, first, rest], dim=self.dim)
 
+    def byte_runs(self, spec, env):
+        a, b = self._sizes(spec, env)
+        channels = spec.shape[self.dim]
+        block = math.prod(spec.shape[self.dim + 1:]) * dtypes.get(spec.dtype).itemsize  # one channel's bytes
+        runs: list[tuple[int, int]] = []
+        for outer in range(math.prod(spec.shape[: self.dim])):
+            base = outer * channels * block
+            for first, count in ((a, b), (0, a), (a + b, channels - a - b)):
+                append_run(runs, base + first * block, count * block)
+        return spec, runs
+
     def _swap(self, array: np.ndarray, a: int, b: int) -> np.ndarray:
         first, second, rest = np.split(array, [a, a + b], axis=self.dim)
         return np.concatenate([second, first, rest], axis=self.dim)
@@ -188,6 +215,10 @@ class Reshape(Op):
 
     def inverse(self):
         return Reshape(self.target, self.source)
+
+    def byte_runs(self, spec, env):
+        result = self.apply(spec, env)  # a contiguous tensor keeps its bytes in order
+        return result, [(0, result.numel() * dtypes.get(spec.dtype).itemsize)] if result.numel() else []
 
     def describe(self):
         return f"reshape({list(self.source)} -> {list(self.target)})"

@@ -8,9 +8,9 @@ is refused in one line instead of loading silently. The header is not part of th
 metadata is rewritten once the source's own scan has finished, and its tensor table is checked by the
 strict load itself (names, shapes and dtypes of every tensor).
 
-Hashing follows the writer: a background thread reads back what has already been written (it is
-still in the page cache) and hashes it while the writer copies the next tensors and while the file is
-flushed to disk, so the digest costs little wall time on a machine with a second core.
+The writer computes the digest while it writes: a background thread reads back what is already in
+the file and hashes it (and checks it for NaN and Inf) while the next tensors are copied; see
+:mod:`.readback`.
 """
 
 from __future__ import annotations
@@ -18,90 +18,21 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import CheckpointError
 
-__all__ = ["SealMismatchError", "DataHasher", "check_seal", "tensor_data_sha256", "recorded_seal"]
+__all__ = ["SealMismatchError", "check_seal", "tensor_data_sha256", "recorded_seal"]
 
 #: where ``config.json`` records the digest
 SEAL_SECTION, SEAL_KEY = "output", "tensor_data_sha256"
-#: read-back buffer of the hashing thread: 1 MiB keeps its memory small and hashlib at full speed
+#: read buffer of the check: 1 MiB keeps memory small and hashlib at full speed
 _CHUNK = 1 << 20
 
 
 class SealMismatchError(CheckpointError):
     """A converted file's tensor data does not hash to what its ``config.json`` records."""
-
-
-class DataHasher:
-    """sha256 of bytes ``[start, start + total)`` of a file being written, computed as they appear.
-
-    The writer calls :meth:`written` with how many data bytes are in the file so far, and
-    :meth:`finish` with the total once it is done; :meth:`result` waits for the digest.
-    """
-
-    def __init__(self, path: str | os.PathLike, start: int):
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self._start = start
-        self._available = 0
-        self._total: int | None = None
-        self._error: BaseException | None = None
-        self._digest: str | None = None
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="seal", daemon=True)
-        self._thread.start()
-
-    def written(self, nbytes: int) -> None:
-        with self._changed:
-            self._available = nbytes
-            self._changed.notify()
-
-    def finish(self, total: int) -> None:
-        with self._changed:
-            self._available = self._total = total
-            self._changed.notify()
-
-    def cancel(self) -> None:
-        """Stop hashing (the file is being abandoned)."""
-        self.finish(-1)
-        self._thread.join()
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._digest is not None
-        return self._digest
-
-    def _run(self) -> None:
-        digest = hashlib.sha256()
-        done = 0
-        buffer = bytearray(_CHUNK)
-        try:
-            while True:
-                with self._changed:
-                    while self._available <= done and self._total is None:
-                        self._changed.wait()
-                    available, total = self._available, self._total
-                if total == -1:
-                    return
-                while done < available:
-                    want = min(_CHUNK, available - done)
-                    got = os.preadv(self._fd, [memoryview(buffer)[:want]], self._start + done)
-                    if got == 0:
-                        raise OSError(f"the output ended after {done} of {available} data bytes")
-                    digest.update(memoryview(buffer)[:got])
-                    done += got
-                if total is not None and done >= total:
-                    self._digest = digest.hexdigest()
-                    return
-        except BaseException as exc:  # handed to the thread that asks for the result
-            self._error = exc
-        finally:
-            os.close(self._fd)
 
 
 def tensor_data_sha256(path: str | os.PathLike) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import OutputError
-from .seal import DataHasher
+from .readback import ReadBack, checked_ranges
 
 
 @contextlib.contextmanager
@@ -98,6 +98,18 @@ class FileRange:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class FileRuns:
+    """A tensor whose bytes lie in the open file ``fd`` in several runs ``(offset, nbytes)``, in order."""
+
+    fd: int
+    runs: tuple[tuple[int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, length in self.runs)
+
+
 def _raw_bytes(t) -> memoryview:
     if isinstance(t, np.ndarray):
         return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
@@ -133,6 +145,21 @@ def _sync_file_range():
 _SYNC_FILE_RANGE_WRITE = 2
 #: how much is written before the disk is asked to start on it
 WRITEBACK_STEP = 64 << 20
+#: the writer's copy buffer, for copies the kernel cannot do and for gathered runs
+_BUFFER_BYTES = 1 << 22
+#: at most this many parts per ``writev`` (Linux's IOV_MAX)
+_MAX_IOV = 1024
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset``; fewer bytes only at the end of the file."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 class _Output:
@@ -165,6 +192,44 @@ class _Output:
                 self._writeback = None  # not supported here: the final fsync does it all
             self._flushed = self._written
 
+    def copy_runs(self, source: FileRuns) -> None:
+        """Copy runs of ``source``'s bytes in order, gathering nearby runs: the source span of a group
+        is read into the buffer at once and its runs written out with one ``writev``."""
+        runs, i = source.runs, 0
+        while i < len(runs):
+            low, high = runs[i][0], runs[i][0] + runs[i][1]
+            if high - low > _BUFFER_BYTES:
+                self.copy(FileRange(source.fd, *runs[i]))  # a long run goes on its own
+                i += 1
+                continue
+            j = i + 1
+            while j < len(runs) and j - i < _MAX_IOV:
+                lo, hi = min(low, runs[j][0]), max(high, runs[j][0] + runs[j][1])
+                if hi - lo > _BUFFER_BYTES:
+                    break
+                low, high, j = lo, hi, j + 1
+            span = self._buffer_view(high - low)
+            if _read_into(source.fd, span, low) != len(span):
+                raise OSError(errno.EIO, "the source file ended early (was it truncated while converting?)")
+            self.write_parts([span[offset - low: offset - low + length] for offset, length in runs[i:j]])
+            i = j
+
+    def write_parts(self, parts: list[memoryview]) -> None:
+        first = 0
+        while first < len(parts):
+            n = os.writev(self.fd, parts[first:] if first else parts)
+            self._advance(n)
+            while first < len(parts) and n >= len(parts[first]):
+                n -= len(parts[first])
+                first += 1
+            if n:
+                parts[first] = parts[first][n:]
+
+    def _buffer_view(self, nbytes: int) -> memoryview:
+        if self._buffer is None:
+            self._buffer = bytearray(_BUFFER_BYTES)
+        return memoryview(self._buffer)[:nbytes]
+
     def copy(self, source: FileRange) -> None:
         done = 0
         while self.kernel_copy and done < source.nbytes:
@@ -180,14 +245,16 @@ class _Output:
             done += n
             self._advance(n)
         while done < source.nbytes:
-            if self._buffer is None:
-                self._buffer = bytearray(1 << 22)
-            want = min(len(self._buffer), source.nbytes - done)
-            got = os.preadv(source.fd, [memoryview(self._buffer)[:want]], source.offset + done)
+            want = min(_BUFFER_BYTES, source.nbytes - done)
+            got = os.preadv(source.fd, [self._buffer_view(want)], source.offset + done)
             if got == 0:
                 raise OSError(errno.EIO, "the source file ended early (was it truncated while converting?)")
             self.write(memoryview(self._buffer)[:got])
             done += got
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(int(s) for s in shape) * dtypes.get(dtype).itemsize
 
 
 def _header(entries: list[tuple[str, tuple[int, ...], Any]], metadata: dict[str, str]) -> tuple[bytes, int]:
@@ -196,9 +263,8 @@ def _header(entries: list[tuple[str, tuple[int, ...], Any]], metadata: dict[str,
     for key, shape, dtype in entries:
         if not dtypes.known(dtype):
             raise OutputError(f"{key}: dtype {dtypes.name(dtype)} cannot be stored in safetensors")
-        info = dtypes.get(dtype)
-        nbytes = math.prod(int(s) for s in shape) * info.itemsize
-        header[key] = {"dtype": info.safetensors, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = _nbytes(shape, dtype)
+        header[key] = {"dtype": dtypes.get(dtype).safetensors, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     return json.dumps(header, separators=(",", ":")).encode("utf-8"), offset
 
@@ -219,34 +285,38 @@ def write_safetensors(
     metadata: dict[str, str],
     *,
     progress: Callable[[int], None] | None = None,
-    final_metadata: Callable[[], dict[str, str]] | None = None,
+    final_metadata: Callable[[tuple[str, ...]], dict[str, str]] | None = None,
 ) -> Written:
     """Stream tensors into ``path`` (atomically); ``produce(key)`` is called once per key, in order.
 
-    ``final_metadata``, if given, is called once every tensor is written, before the file takes its
-    final name; its metadata replaces ``metadata`` in the header (room for values up to
+    A background thread reads back what is written, hashing it (the file's seal) and checking every
+    floating tensor for NaN and Inf (see :mod:`.readback`).  ``final_metadata``, if given, is called
+    once every tensor is written and read back, with the keys holding NaN or Inf, before the file
+    takes its final name; its metadata replaces ``metadata`` in the header (room for values up to
     :data:`HEADER_SLACK` bytes longer is reserved).  It may raise to abandon the file.
-    Returns the number of bytes written and the sha256 of the tensor data (the file's seal, hashed
-    by a background thread that follows the writer: see :mod:`.seal`).
     """
     entries = list(entries)
     blob, data_bytes = _header(entries, metadata)
     reserved = len(blob) + (HEADER_SLACK if final_metadata is not None else 0)
     reserved += -reserved % 8
-    hasher: DataHasher | None = None
+    ranges = checked_ranges((key, _nbytes(shape, dtype), dtype) for key, shape, dtype in entries)
+    reader: ReadBack | None = None
     try:
         with atomic_path(path) as tmp:
             fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))  # no O_TRUNC: ext4 flushes truncated files on close
             try:
                 out = _Output(fd)
                 out.write(struct.pack("<Q", reserved) + blob.ljust(reserved))
-                hasher = DataHasher(tmp, 8 + reserved)
+                reader = ReadBack(tmp, 8 + reserved, ranges)
                 done = told = 0
                 for key, shape, dtype in entries:
                     value = produce(key)
                     if isinstance(value, FileRange):
                         nbytes = value.nbytes
                         out.copy(value)
+                    elif isinstance(value, FileRuns):
+                        nbytes = value.nbytes
+                        out.copy_runs(value)
                     else:
                         if not _holds(value, shape, dtype):
                             raise OutputError(f"{key}: produced {list(value.shape)} {value.dtype}, planned {list(shape)} {dtype}")
@@ -254,36 +324,38 @@ def write_safetensors(
                         nbytes = data.nbytes
                         out.write(data)
                     done += nbytes
-                    if done - told >= HASH_STEP:  # wake the hashing thread per few MB, not per tensor
-                        hasher.written(told := done)
+                    if done - told >= HASH_STEP:  # wake the reading thread per few MB, not per tensor
+                        reader.written(told := done)
                     if progress is not None:
                         progress(nbytes)
-                hasher.finish(done)
+                reader.finish(done)
                 if final_metadata is not None:
-                    final, _ = _header(entries, final_metadata())
+                    # the header names the tensors holding NaN or Inf, so it waits for the read-back;
+                    # most of the data is on its way to disk by now (see _Output), so the flush is short
+                    final, _ = _header(entries, final_metadata(reader.result().non_finite))
                     if len(final) > reserved:
                         raise OutputError(f"{path}: the final metadata is {len(final) - len(blob)} bytes longer than planned")
                     os.pwrite(fd, final.ljust(reserved), 8)
             finally:
                 os.close(fd)
-        # the flush to disk ran while the seal was hashed; the file has its final name now
-        sha256 = hasher.result()
+        read = reader.result()
     except BaseException:
-        if hasher is not None:
-            hasher.cancel()
+        if reader is not None:
+            reader.cancel()
         raise
-    return Written(8 + reserved + data_bytes, sha256)
+    return Written(8 + reserved + data_bytes, read.tensor_data_sha256, read.non_finite)
 
 
 @dataclass(frozen=True)
 class Written:
-    """What :func:`write_safetensors` wrote: its size and the sha256 of its tensor data."""
+    """What :func:`write_safetensors` wrote: its size, the sha256 of its tensor data, the keys holding NaN or Inf."""
 
     nbytes: int
     tensor_data_sha256: str
+    non_finite: tuple[str, ...] = ()
 
 
-#: how much is written before the hashing thread is told (it follows the writer by up to this much)
+#: how much is written before the reading thread is told (it follows the writer by up to this much)
 HASH_STEP = 8 << 20
 #: extra header room kept for metadata known only at the end (a safetensors header may end in spaces)
 HEADER_SLACK = 64

@@ -154,6 +154,74 @@ def test_the_seal_follows_the_writer_over_many_small_and_large_tensors(tmp_path)
     assert written.tensor_data_sha256 == hashlib.sha256(data).hexdigest()
 
 
+def _bfloat16_bits(values):
+    import numpy as np
+
+    return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_read_back_finds_every_nan_and_inf_wherever_reads_end(tmp_path, seed):
+    """The read-back hashes and checks in chunks; tensors of every width start at odd offsets and
+    straddle chunk ends, and a bad value sits right at a tensor's edges or across a chunk end."""
+    import numpy as np
+
+    from lic_checkpoints.convert import readback
+
+    rng = np.random.default_rng(seed)
+    chunk = readback.CHUNK
+    widths = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+    entries, values, bad, offset = [], {}, [], 0
+    for i in range(14):
+        dtype = str(rng.choice(["float64", "float32", "float16", "bfloat16", "uint8", "int64"]))
+        if dtype == "uint8":
+            n = int(rng.integers(1, 8))  # odd sizes move every later tensor off its alignment
+            value = rng.integers(0, 255, n, dtype=np.uint8)
+        elif dtype == "int64":
+            n = int(rng.integers(1, 5))
+            value = rng.integers(-9, 9, n).astype(np.int64)
+        else:
+            width = widths[dtype]
+            n = int(rng.integers(chunk // width // 3, 2 * chunk // width))  # often across a chunk end
+            floats = rng.standard_normal(n)
+            if rng.random() < 0.5:
+                # a bad value first, last, or on the element that holds the next chunk end
+                across = (((offset // chunk) + 1) * chunk - offset) // width
+                where = int(rng.choice([0, n - 1, min(max(across, 0), n - 1)]))
+                floats[where] = rng.choice([np.nan, np.inf, -np.inf])
+                bad.append(f"t{i}")
+            value = _bfloat16_bits(floats) if dtype == "bfloat16" else floats.astype(dtype)
+        key = f"t{i}"
+        entries.append((key, value.shape, dtype))
+        values[key] = value
+        offset += value.nbytes
+    written = write_safetensors(tmp_path / "m.safetensors", entries, values.__getitem__, {"format": "pt"})
+    assert list(written.non_finite) == bad
+    data = b"".join(v.tobytes() for v in values.values())
+    assert written.tensor_data_sha256 == hashlib.sha256(data).hexdigest()
+    start, end = _data_region(tmp_path / "m.safetensors")
+    assert (tmp_path / "m.safetensors").read_bytes()[start:] == data
+
+
+def test_final_metadata_hears_of_the_bad_tensors_before_the_header_is_final(tmp_path):
+    import numpy as np
+
+    values = {"a": np.ones(5, np.float32), "b": np.array([1.0, np.nan], np.float16), "c": np.zeros(3, np.float32)}
+    heard = []
+
+    def final(non_finite):
+        heard.append(non_finite)
+        return {"format": "pt", "bad": ",".join(non_finite)}
+
+    write_safetensors(tmp_path / "m.safetensors", [(k, v.shape, str(v.dtype)) for k, v in values.items()],
+                      values.__getitem__, {"format": "pt"}, final_metadata=final)
+    assert heard == [("b",)]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), "np") as fh:
+        assert fh.metadata()["bad"] == "b"
+
+
 def test_a_failed_write_leaves_no_hashing_thread_and_no_file(tmp_path):
     before = {t.name for t in threading.enumerate()}
 
