@@ -8,6 +8,7 @@ get their own.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from . import images as images_mod
 from . import device as device_mod
 from .builders import ModelCache, build_target, build_upstream, canonical_upstream_names
 from .report import ParityReport
+from .reuse import TransformReuse
 from .tiers import (OUTPUT_ORDER, CodedSide, Check, TierResult, Tolerances, compare_tensor, entropy_tables_check,
                     tier0, tier1, tier2, tier3)
 
@@ -399,6 +401,20 @@ class _ImageTicks:
             self.tick(index)
 
 
+def _recording(reuse: TransformReuse | None, image: int):
+    return reuse.recording(image) if reuse is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _replaying(reuse: TransformReuse | None, image: int):
+    if reuse is None:
+        yield
+        return
+    with reuse.replaying(image):
+        yield
+    reuse.forget(image)  # this image's coding is done: let its records go
+
+
 def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, timings, say, save_outputs, detection,
                      installed: bool = False, device: torch.device | None = None, ticks: _ImageTicks | None = None):
     ticks = ticks or _ImageTicks(None, 0)
@@ -408,24 +424,34 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
     # off the CPU: T1 compares the device's outputs; coding needs a CPU forward (each side decodes to it)
     on_device = device_mod.forward_on(device, reference, tgt_model, test_images, _forward) \
         if device_mod.off_cpu(device) else None
+    # the coding path gets each transform's forward result back when it feeds it the same input
+    ref_reuse = TransformReuse(reference) if coding and not isinstance(reference, _AuthorsCode) else None
+    tgt_reuse = TransformReuse(tgt_model) if coding else None
     if isinstance(reference, _AuthorsCode):
         ref_out, authors_sides = reference.run(test_images, coding)
     elif on_device is not None and not coding:
         ref_out = on_device[0]
     else:
-        ref_out = [_forward(reference, img.x, False) for img in test_images]
+        ref_out = []
+        for i, img in enumerate(test_images):
+            with _recording(ref_reuse, i):
+                ref_out.append(_forward(reference, img.x, False))
     view = None
     if installed:
         from .models.compressai.installed import MasterView
 
         view = MasterView(tgt_model)
-        tgt_out = [view.forward(img.x) for img in test_images]
+        tgt_out = []
+        for i, img in enumerate(test_images):
+            with _recording(tgt_reuse, i):
+                tgt_out.append(view.forward(img.x))
     elif on_device is not None and not coding:
         tgt_out = on_device[1]
     else:
         tgt_out = []
         for i, img in enumerate(test_images):
-            tgt_out.append(_forward(tgt_model, img.x, True))
+            with _recording(tgt_reuse, i):
+                tgt_out.append(_forward(tgt_model, img.x, True))
             if not coding:
                 ticks.tick(i)
     if not coding:
@@ -446,21 +472,31 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
             stored = _entropy_tables(reference)
             reference.update(force=True)
             tables = entropy_tables_check(stored, _entropy_tables(reference))
-            ref_sides = [_reference_side(reference, img.x, out) for img, out in zip(test_images, ref_out)]
+            ref_sides = []
+            for i, (img, out) in enumerate(zip(test_images, ref_out)):
+                with _replaying(ref_reuse, i):
+                    ref_sides.append(_reference_side(reference, img.x, out))
         if view is not None:
             # master's decompress never clamps; it is held to the reference's convention: clamped to
             # [0, 1] where the authors' decompress clamps (then every decoded value lies inside)
             clamp = all(bool(((s.decoded >= 0) & (s.decoded <= 1)).all()) for s in ref_sides)
             tgt_sides = []
             for i, (img, out) in enumerate(zip(test_images, tgt_out)):
-                tgt_sides.append(_installed_side(view, img.x, out, clamp))
+                with _replaying(tgt_reuse, i):
+                    tgt_sides.append(_installed_side(view, img.x, out, clamp))
                 ticks.tick(i)
         else:
             tgt_sides = []
             for i, (img, out, ref) in enumerate(zip(test_images, tgt_out, ref_sides)):
-                tgt_sides.append(_target_side(tgt_model, img.x, out, ref))
+                with _replaying(tgt_reuse, i):
+                    tgt_sides.append(_target_side(tgt_model, img.x, out, ref))
                 ticks.tick(i)
         timings["coding"] = time.perf_counter() - t
+        reused = [r for r in (ref_reuse, tgt_reuse) if r is not None]
+        if reused and (count := sum(r.reused for r in reused)):
+            report.notes.append(
+                f"coding reused the forward's analysis/synthesis results for {count} of "
+                f"{count + sum(r.computed for r in reused)} transform calls (inputs identical bit for bit)")
         table = _slice_gaussian(tgt_model.latent_codec.y.latent_codec["y0"]).scale_table
         if "T2" in wanted and view is not None and not view.observable:
             report.tiers.append(TierResult("T2", "entropy coding", skipped=(
