@@ -26,9 +26,10 @@ import pytest
 import torch
 
 from conftest import SMALL, covering_configurations, upstream_checkpoint
-from lic_checkpoints.convert import api, torch_zip, writer
+from lic_checkpoints.convert import api, engine, torch_zip, writer
 from lic_checkpoints.convert.checkpoint import SourceCheckpoint, read_checkpoint
 from lic_checkpoints.convert.errors import CheckpointError
+from lic_checkpoints.convert.ops import Spec
 
 
 def _bytes_at(path: Path, offset: int, nbytes: int) -> bytes:
@@ -148,30 +149,50 @@ def _digests(folder: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", covering_configurations())
 def test_conversion_reads_only_what_rules_compute(tmp_path, monkeypatch, checkpoints, name):
+    """Renamed tensors are copied whole and tensors whose ops only move bytes are copied in runs, file
+    to file; only tensors whose values a rule computes are read."""
     path = checkpoints.path(name)  # shared by the session: read it, never modify it
     read: list[str] = []
     copied: list[writer.FileRange] = []
-    original_read, original_copy = SourceCheckpoint.read_tensor, writer._Output.copy
+    in_runs: list[writer.FileRuns] = []
+    original_read, original_copy, original_runs = (SourceCheckpoint.read_tensor, writer._Output.copy,
+                                                    writer._Output.copy_runs)
 
     def recording_read(self, key):
         read.append(key)
         return original_read(self, key)
 
     def recording_copy(self, source):
-        copied.append(source)
+        if not getattr(self, "_in_runs", False):
+            copied.append(source)
         return original_copy(self, source)
+
+    def recording_runs(self, source):
+        in_runs.append(source)
+        self._in_runs = True
+        try:
+            return original_runs(self, source)
+        finally:
+            self._in_runs = False
 
     monkeypatch.setattr(SourceCheckpoint, "read_tensor", recording_read)
     monkeypatch.setattr(writer._Output, "copy", recording_copy)
+    monkeypatch.setattr(writer._Output, "copy_runs", recording_runs)
     result = api.convert_checkpoint(path, tmp_path / "lazy")
     monkeypatch.undo()
 
     steps = result.plan.steps
     passed_on = [s for s in steps if s.action in ("rename", "fan_out")]
-    computed_sources = {src for s in steps if s.action in ("transform", "fan_in") for src in s.sources}
+    locations = result.source.locations
+    moved = [s for s in steps if s.action == "transform" and engine.byte_runs(
+        s, Spec(locations[s.sources[0]].shape, locations[s.sources[0]].dtype)) is not None]
+    moved_targets = {s.target for s in moved}
+    computed_sources = {src for s in steps if s.action in ("transform", "fan_in") and s.target not in moved_targets
+                        for src in s.sources}
     assert result.source.lazy
-    assert set(read) == computed_sources, "the conversion read tensors it only renames"
+    assert set(read) == computed_sources, "the conversion read tensors it only renames or rearranges"
     assert len(copied) == len(passed_on)
+    assert len(in_runs) == len(moved)
     assert sum(c.nbytes for c in copied) > 0.5 * result.bytes_written
 
     lazy = _digests(tmp_path / "lazy")
