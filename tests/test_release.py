@@ -265,3 +265,19 @@ def test_progress_is_one_bar_on_a_terminal_and_lines_otherwise():
     silent.advance(4, "a: passed")
     silent.close()
     assert silent.bar is None and quiet.getvalue() == ""
+
+
+def test_reuse_check_hashes_the_source_only_when_there_is_a_conversion_to_compare(tmp_path, monkeypatch):
+    source = tmp_path / "ckpt.pth.tar"
+    source.write_bytes(b"weights")
+    hashed = []
+    real = release.file_sha256
+    monkeypatch.setattr(release, "file_sha256", lambda path: hashed.append(path) or real(path))
+    folder = tmp_path / "out"
+    assert release.reusable(folder, source) is None and hashed == []  # nothing there: no hash
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    for config in ('{"source": "not a section"}', '[1, 2]', '{"source": {"sha256": "0"}}', "{broken"):
+        (folder / "config.json").write_text(config)
+        assert release.reusable(folder, source) is None, config  # refused, never a crash
+    assert hashed == [source]  # only the well-formed section was compared

@@ -101,8 +101,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def reusable(folder: Path, source_sha256: str) -> str | None:
-    """Why the conversion in ``folder`` can be reused for a source with this sha256 (None: it cannot)."""
+def reusable(folder: Path, source: Path) -> str | None:
+    """Why the conversion in ``folder`` can be reused for ``source`` (None: it cannot).  The source is
+    hashed only when the folder holds a conversion to compare it with."""
     from lic_checkpoints.convert.api import CONFIG_FILE, MODEL_FILE
     from lic_checkpoints.convert.seal import check_seal, recorded_seal
 
@@ -113,7 +114,8 @@ def reusable(folder: Path, source_sha256: str) -> str | None:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if not isinstance(config, dict) or (config.get("source") or {}).get("sha256") != source_sha256:
+    recorded = config.get("source") if isinstance(config, dict) else None
+    if not isinstance(recorded, dict) or recorded.get("sha256") != file_sha256(source):
         return None
     if recorded_seal(config) is None:
         return None
@@ -164,8 +166,8 @@ class ReleaseRow:
 def summarize(row: ReleaseRow, report) -> None:
     """Fill ``row`` from a parity report (numbers averaged as CompressAI's eval_model does)."""
     row.family, row.variant = report.family, report.variant
-    stated = container_operating_point(report.source.get("container_values") or {})
-    if stated:
+    stated = operating_point(Path(row.source).name, report.source.get("container_values"))
+    if stated:  # the container's statement, now known, before the file name's
         row.operating_point = stated
     row.verdict = "passed" if report.passed else "FAILED"
     failure = report.first_failure()
@@ -387,8 +389,7 @@ def verify_release(
             folder = out_dir / name
             try:
                 progress.stage(name, "converting")
-                sha = file_sha256(src)
-                why = reusable(folder, sha)
+                why = reusable(folder, src)
                 if why is None:
                     convert_checkpoint(src, folder, family=family, trust_pickle=trust_pickle)
                     why = "converted"

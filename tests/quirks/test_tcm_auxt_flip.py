@@ -59,7 +59,7 @@ def test_explained_flip_in_slice_0_leaves_later_slices_compared(tmp_path):
         if tgt_bias.data_ptr() != ref_bias.data_ptr():
             tgt_bias[channel] += shift
 
-    report = SimpleNamespace(tiers=[], eval_model=None)
+    report = SimpleNamespace(tiers=[], eval_model=None, notes=[])
     verify_api._run_model_tiers(report, ["T2", "T3"], reference, target, [image], Tolerances(), {}, lambda _: None,
                                 None, detection)
     tier, rate_distortion = report.tiers
