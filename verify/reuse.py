@@ -11,7 +11,7 @@ doubles a verification's time.
 in the forward pass.  During coding, a call that receives a tensor bit-identical to the one
 recorded gets a copy of the recorded result instead of recomputing it: the same module on the same
 input, evaluated deterministically (eval mode, no gradients, same device and threads).  Any other call
-runs the module.  A record is dropped if either of its tensors was modified in place since (their
+runs the module.  A record is not used if either of its tensors was changed in place since (their
 version counters), and nothing is recorded for a call with more than one argument.
 """
 
