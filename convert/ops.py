@@ -48,6 +48,10 @@ class Op:
         return None
 
 
+#: at most this many runs per tensor: a tensor that would need more is computed instead
+MAX_RUNS = 1 << 16
+
+
 def append_run(runs: list[tuple[int, int]], offset: int, length: int) -> None:
     """Add a run of bytes, merged into the last one when it continues it."""
     if not length:
@@ -145,6 +149,8 @@ class SwapBlocks(Op):
 
     def byte_runs(self, spec, env):
         a, b = self._sizes(spec, env)
+        if math.prod(spec.shape[: self.dim]) > MAX_RUNS // 3:
+            return None  # blocks this small are faster swapped in memory than copied one by one
         channels = spec.shape[self.dim]
         block = math.prod(spec.shape[self.dim + 1:]) * dtypes.get(spec.dtype).itemsize  # one channel's bytes
         runs: list[tuple[int, int]] = []

@@ -67,6 +67,13 @@ def test_a_reshape_before_the_swap_is_followed_too():
     assert _gather(value.tobytes(), runs) == np.ascontiguousarray(expected).tobytes()
 
 
+def test_a_swap_of_many_small_blocks_is_computed_not_copied_run_by_run():
+    from lic_checkpoints.convert.ops import MAX_RUNS
+
+    assert engine.byte_runs(_step(SwapBlocks(1, (1, 1))), Spec((MAX_RUNS // 3 + 1, 2), "float32")) is None
+    assert engine.byte_runs(_step(SwapBlocks(1, (1, 1))), Spec((MAX_RUNS // 3, 2), "float32")) is not None
+
+
 def test_an_op_that_computes_has_no_runs():
     assert engine.byte_runs(_step(SwapBlocks(0, (1, 1)), Permute((1, 0))), Spec((2, 3), "float32")) is None
 
