@@ -117,7 +117,8 @@ class ReadBack:
                         end = _element_boundary(ranges[inside], end)
                     assert end > done, "the writer reports progress at tensor ends only"
                     block = buffer[: end - done]
-                    _read_exactly(self._fd, block, self._start + done)
+                    if read_into(self._fd, block, self._start + done) != len(block):
+                        raise OSError(f"the output ended before data byte {end} of {available}")
                     digest.update(block)
                     while current < len(ranges) and ranges[current].offset < end:
                         item = ranges[current]
@@ -147,10 +148,12 @@ def _element_boundary(item: CheckedRange, end: int) -> int:
     return end - (end - item.offset) % item.itemsize
 
 
-def _read_exactly(fd: int, block: memoryview, offset: int) -> None:
+def read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset`` of ``fd``; returns fewer bytes only where the file ends."""
     got = 0
-    while got < len(block):
-        n = os.preadv(fd, [block[got:]], offset + got)
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
         if n == 0:
-            raise OSError(f"the output ended {len(block) - got} bytes short at offset {offset + got}")
+            break
         got += n
+    return got

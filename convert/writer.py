@@ -25,7 +25,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import OutputError
-from .readback import ReadBack, checked_ranges
+from .readback import ReadBack, checked_ranges, read_into
 
 
 @contextlib.contextmanager
@@ -151,17 +151,6 @@ _BUFFER_BYTES = 1 << 22
 _MAX_IOV = 1024
 
 
-def _read_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``offset``; fewer bytes only at the end of the file."""
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return got
-
-
 class _Output:
     """The open temporary file: writes from memory, copies from files, and a header written twice.
 
@@ -209,7 +198,7 @@ class _Output:
                     break
                 low, high, j = lo, hi, j + 1
             span = self._buffer_view(high - low)
-            if _read_into(source.fd, span, low) != len(span):
+            if read_into(source.fd, span, low) != len(span):
                 raise OSError(errno.EIO, "the source file ended early (was it truncated while converting?)")
             self.write_parts([span[offset - low: offset - low + length] for offset, length in runs[i:j]])
             i = j
