@@ -222,8 +222,12 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
                 obj = torch.load(path, map_location="meta", weights_only=True)
             else:
                 obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mappable)
-        if mappable:  # mapped and meta reading take the pickle's storage sizes on trust: check them
-            torch_zip.check_records(path, obj if meta else None)
+            # mapped and meta reading take the pickle's storage sizes on trust: check them, or, where
+            # the reader cannot follow the archive, read it again the way that checks every record
+            if mappable and not torch_zip.check_records(path, obj if meta else None):
+                del obj
+                obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+                meta = False
         return obj, file_format, meta
     except CheckpointError:
         raise
@@ -238,7 +242,7 @@ def _offsets_usable(path: Path) -> bool:
         return torch_zip.copyable_as_stored(archive)
 
 
-def _torch_location(path: Path, key: str, value) -> TensorLocation | None:
+def _torch_location(path: Path, key: str, value, size: int) -> TensorLocation | None:
     """A meta tensor's place in the file, from the offset torch.load recorded; None if it recorded none."""
     base = getattr(value.untyped_storage(), "_checkpoint_offset", None)
     if base is None or not dtypes.known(value.dtype):
@@ -247,17 +251,19 @@ def _torch_location(path: Path, key: str, value) -> TensorLocation | None:
                                   tuple(value.shape), tuple(value.stride()), value.element_size())
     where = TensorLocation(int(base) + value.storage_offset() * value.element_size(),
                            tuple(value.shape), tuple(value.stride()), dtypes.name(value.dtype))
-    return _inside(path, key, where)
+    return _inside(path, key, where, size)
 
 
-def _record_location(path: Path, key: str, value: TensorRecord, places: dict[str, tuple[int, int]]) -> TensorLocation:
+def _record_location(path: Path, key: str, value: TensorRecord, places: dict[str, tuple[int, int]],
+                     size: int) -> TensorLocation:
     start, _ = places[value.storage.key]
     where = TensorLocation(start + value.offset * dtypes.get(value.dtype).itemsize, value.shape, value.stride, value.dtype)
-    return _inside(path, key, where)
+    return _inside(path, key, where, size)
 
 
-def _inside(path: Path, key: str, where: TensorLocation) -> TensorLocation:
-    if where.offset + where.span() > path.stat().st_size:
+def _inside(path: Path, key: str, where: TensorLocation, size: int) -> TensorLocation:
+    """``where``, if it ends within the ``size`` bytes of ``path``."""
+    if where.offset + where.span() > size:
         raise CheckpointError(f"{path}: the file is truncated (tensor {key!r} runs past its end); download it again")
     return where
 
@@ -472,13 +478,15 @@ def read_checkpoint(
                 obj, places = structure
                 file_format = "torch-zip"
                 if lazy:
-                    locate = lambda key, original, value: _record_location(path, key, value, places)  # noqa: E731
+                    size = path.stat().st_size
+                    locate = lambda key, original, value: _record_location(path, key, value, places, size)  # noqa: E731
                 else:  # tensors on a private mapping of the file, as torch.load(mmap=True) makes them
                     mapped = _FileMapping(path, places)
             else:
                 obj, file_format, on_meta = _load_torch(path, trust_pickle, lazy, scan)
                 if on_meta:
-                    locate = lambda key, original, value: _torch_location(path, key, value)  # noqa: E731
+                    size = path.stat().st_size
+                    locate = lambda key, original, value: _torch_location(path, key, value, size)  # noqa: E731
             state_dict, entry, ignored = _find_state_dict(obj, path)
             container_values = _plain_values(obj, entry)
         if locate is None and check_now:

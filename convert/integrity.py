@@ -135,12 +135,11 @@ def _damaged(path: Path, record: str) -> CheckpointError:
 
 def record_ranges(path: Path, infos) -> list[tuple[int, int, zipfile.ZipInfo]]:
     """Byte range of each stored member's data in the file (after its local header), in file order."""
-    size = path.stat().st_size
     ranges = []
-    with open(path, "rb") as fh:
+    with open(path, "rb", buffering=0) as fh:  # one small pread per header: no read-ahead buffer to fill
+        fd, size = fh.fileno(), os.fstat(fh.fileno()).st_size
         for info in infos:
-            fh.seek(info.header_offset)
-            head = fh.read(_LOCAL_HEADER)
+            head = os.pread(fd, _LOCAL_HEADER, info.header_offset)
             if len(head) < _LOCAL_HEADER or head[:4] != b"PK\x03\x04":
                 raise CheckpointError(
                     f"{path}: broken zip archive (its records do not match its directory); download the file again"

@@ -163,10 +163,12 @@ def read_structure(path: Path) -> tuple[Any, dict[str, tuple[int, int]]] | None:
     return reading.obj, archive.records
 
 
-def check_records(path: Path, loaded: Any = None) -> None:
+def check_records(path: Path, loaded: Any = None) -> bool:
     """Check a torch zip that ``torch.load`` read mapped or onto the meta device, which compares no
     storage's claimed size with its record: the checks of :func:`read_structure`, for every storage
     and tensor the reader can interpret; a :class:`CheckpointError` for the first that fails.
+    Returns False, having checked nothing, where the reader cannot interpret the archive or its
+    pickle: such a file must be read the way that checks each record itself (unmapped).
 
     ``loaded`` is what ``torch.load(map_location="meta")`` returned.  torch then does not look each
     storage's record up: where the archive has a ``.format_version`` record it computes the offsets
@@ -176,13 +178,14 @@ def check_records(path: Path, loaded: Any = None) -> None:
     path = Path(path)
     archive = _open_archive(path)
     if archive is None:
-        return
+        return False
     reading = _read_pickle(archive.pickle)
     if reading is None:
-        return
+        return False
     _check(path, archive, reading)
     if loaded is not None and archive.computed_offsets:
         _check_computed_offsets(path, archive, reading, loaded)
+    return True
 
 
 def check_mapped_tensor(path: Path, key: str, record_start: int, storage_nbytes: int, offset: int,

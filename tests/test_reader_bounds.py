@@ -512,6 +512,38 @@ def test_a_declined_file_is_still_checked(tmp_path):
         assert_refused(path, "tensor 'w'", "'data/0'")
 
 
+def _first_name_altered(path: Path) -> Path:
+    """The first local header names another record than the directory does (its name's first byte
+    changed): torch finds records by the directory and reads on, Python's zipfile refuses the record."""
+    raw = bytearray(path.read_bytes())
+    assert raw[:4] == b"PK\x03\x04"
+    raw[30] ^= 0x01
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_file_the_reader_cannot_follow_is_read_the_way_that_checks_every_record(tmp_path):
+    """Found by a long differential run: where the reader cannot follow the archive it checks nothing,
+    and torch's mapped reading took a short record, or a storage's second description, that
+    ``torch.load`` refuses or reads otherwise.  Such a file is now read unmapped."""
+    short = _first_name_altered(write_zip(tmp_path / "short.pt", plain(
+        Tensor(float_storage(numel=16, data_elements=8), 0, (4, 4), (4, 1)))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapped = torch.load(short, map_location="cpu", weights_only=True, mmap=True)
+    assert mapped["state_dict"]["w"].shape == (4, 4), "torch's mapped reading takes the short record"
+    assert_refused(short, "32", reader=False)
+    data = float_storage().data
+    first, retyped = Storage(data, torch.float32, key="0"), Storage(data, torch.float64, key="0")
+    twice = _first_name_altered(write_zip(tmp_path / "twice.pt", {"state_dict": OrderedDict(
+        a=Tensor(first, 0, (16,), (1,)), b=Tensor(retyped, 0, (8,), (1,)))}))
+    verdict = torch_verdict(twice)
+    found = outcomes(twice)
+    assert found["reader"] == "decline"
+    expected = ("yield", {k: summary(v) for k, v in verdict["state_dict"].items()})
+    assert found["lazy"] == found["eager"] == expected, (found, expected)
+
+
 def _leftover_at_stop(data: bytes) -> bytes:
     """The same pickle with an extra value under the result: torch returns the top, the reader gives up."""
     assert data[:2] == b"\x80\x02" and data[-1:] == b"."

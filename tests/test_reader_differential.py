@@ -5,8 +5,8 @@ integer, bool, scalar, empty and parameter tensors, plus the smallest published 
 demo checkpoint) are altered at the pickle, record and byte level: storage sizes, dtypes and keys,
 tensor offsets, shapes, strides and ranks, requires_grad, calls the reader does not know, other
 pickle protocols, record sizes and names, records left out, listed twice or compressed, unusual
-archive records, pickle bytes replaced, deleted or inserted, and files truncated, flipped or
-shifted.  For every case, each way lic-convert and lic-verify read a file (``read_checkpoint``
+archive records, pickle bytes replaced, deleted or inserted, a local header naming another record
+than the directory, and files truncated, flipped or shifted.  For every case, each way lic-convert and lic-verify read a file (``read_checkpoint``
 lazy and eager, and the reader's own structure) must either
 
 - yield exactly the tensors ``torch.load(map_location="cpu", weights_only=True)`` yields (same keys,
@@ -219,8 +219,13 @@ def _pickle_bytes_edit(draw, data: bytes) -> bytes:
 
 def _file_edit(draw, path: Path) -> None:
     raw = path.read_bytes()
-    how = draw(st.sampled_from(["truncate", "flip", "append", "prepend"]))
-    if how == "truncate":
+    how = draw(st.sampled_from(["truncate", "flip", "local_name", "append", "prepend"]))
+    if how == "local_name":  # a local header names another record than the directory (zipfile refuses it)
+        raw = bytearray(raw)
+        at = draw(st.sampled_from([i for i in range(len(raw) - 30) if raw[i:i + 4] == b"PK\x03\x04"])) + 30
+        raw[at] ^= draw(st.integers(1, 255))
+        path.write_bytes(bytes(raw))
+    elif how == "truncate":
         path.write_bytes(raw[: draw(st.integers(0, len(raw) - 1))])
     elif how == "flip":
         at = draw(st.integers(0, len(raw) - 1))
