@@ -165,9 +165,11 @@ def test_forward_on_cuda_passes_and_is_recorded(inputs):
     from lic_checkpoints.verify.api import verify_checkpoint
 
     a, _, images = inputs
-    report = verify_checkpoint(a, images=[images], tiers=["T1", "T3"], device="cuda")
+    report = verify_checkpoint(a, images=[images], tiers=["T1", "T2", "T3"], device="cuda")
     assert report.passed, report.render_table()
     assert report.runtime["forward_device"].startswith("cuda") and report.runtime["coding_device"] == "cpu"
+    assert report.runtime["coding_transforms_device"].startswith("cuda")
+    assert "its analysis and synthesis on cuda" in report.to_markdown()
 
 
 def test_auto_device_without_cuda_is_the_cpu():

@@ -421,98 +421,102 @@ def _run_model_tiers(report, wanted, reference, tgt_model, test_images, tol, tim
     t = time.perf_counter()
     say("T1: forward")
     coding = "T2" in wanted or "T3" in wanted
-    # off the CPU: T1 compares the device's outputs; coding needs a CPU forward (each side decodes to it)
+    # off the CPU: T1 compares the outputs of both models run there whole
     on_device = device_mod.forward_on(device, reference, tgt_model, test_images, _forward) \
         if device_mod.off_cpu(device) else None
-    # the coding path gets each transform's forward result back when it feeds it the same input
-    ref_reuse = TransformReuse(reference) if coding and not isinstance(reference, _AuthorsCode) else None
-    tgt_reuse = TransformReuse(tgt_model) if coding else None
-    if isinstance(reference, _AuthorsCode):
-        ref_out, authors_sides = reference.run(test_images, coding)
-    elif on_device is not None and not coding:
-        ref_out = on_device[0]
-    else:
-        ref_out = []
-        for i, img in enumerate(test_images):
-            with _recording(ref_reuse, i):
-                ref_out.append(_forward(reference, img.x, False))
-    view = None
-    if installed:
-        from .models.compressai.installed import MasterView
-
-        view = MasterView(tgt_model)
-        tgt_out = []
-        for i, img in enumerate(test_images):
-            with _recording(tgt_reuse, i):
-                tgt_out.append(view.forward(img.x))
-    elif on_device is not None and not coding:
-        tgt_out = on_device[1]
-    else:
-        tgt_out = []
-        for i, img in enumerate(test_images):
-            with _recording(tgt_reuse, i):
-                tgt_out.append(_forward(tgt_model, img.x, True))
-            if not coding:
-                ticks.tick(i)
-    if not coding:
-        ticks.finish()  # forward passes run all at once (on a device, in the authors' process)
-    timings["forward"] = time.perf_counter() - t
-    if "T1" in wanted:
-        report.tiers.append(tier1(test_images, *(on_device or (ref_out, tgt_out)), tol))
-        if view is not None:
-            _installed_forward_rows(report, report.tiers[-1], view, test_images, ref_out, tgt_out, tol, detection)
+    # off the CPU, coding runs each model's analysis and synthesis there (and so does the forward it is
+    # compared with); everything else, and the range coder, on the CPU
+    split = device_mod.off_cpu(device) and coding and not installed and not isinstance(reference, _AuthorsCode)
     ref_sides = tgt_sides = None
-    if coding:
-        say("T2: entropy coding")
-        t = time.perf_counter()
-        tgt_model.update(force=True)
+    with device_mod.transforms_on(device, reference, tgt_model) if split else contextlib.nullcontext():
+        # the coding path gets each transform's forward result back when it feeds it the same input
+        ref_reuse = TransformReuse(reference) if coding and not isinstance(reference, _AuthorsCode) else None
+        tgt_reuse = TransformReuse(tgt_model) if coding else None
         if isinstance(reference, _AuthorsCode):
-            ref_sides = authors_sides
+            ref_out, authors_sides = reference.run(test_images, coding)
+        elif on_device is not None and not coding:
+            ref_out = on_device[0]
         else:
-            stored = _entropy_tables(reference)
-            reference.update(force=True)
-            tables = entropy_tables_check(stored, _entropy_tables(reference))
-            ref_sides = []
-            for i, (img, out) in enumerate(zip(test_images, ref_out)):
-                with _replaying(ref_reuse, i):
-                    ref_sides.append(_reference_side(reference, img.x, out))
-        if view is not None:
-            # master's decompress never clamps; it is held to the reference's convention: clamped to
-            # [0, 1] where the authors' decompress clamps (then every decoded value lies inside)
-            clamp = all(bool(((s.decoded >= 0) & (s.decoded <= 1)).all()) for s in ref_sides)
-            tgt_sides = []
-            for i, (img, out) in enumerate(zip(test_images, tgt_out)):
-                with _replaying(tgt_reuse, i):
-                    tgt_sides.append(_installed_side(view, img.x, out, clamp))
-                ticks.tick(i)
+            ref_out = []
+            for i, img in enumerate(test_images):
+                with _recording(ref_reuse, i):
+                    ref_out.append(_forward(reference, img.x, False))
+        view = None
+        if installed:
+            from .models.compressai.installed import MasterView
+
+            view = MasterView(tgt_model)
+            tgt_out = []
+            for i, img in enumerate(test_images):
+                with _recording(tgt_reuse, i):
+                    tgt_out.append(view.forward(img.x))
+        elif on_device is not None and not coding:
+            tgt_out = on_device[1]
         else:
-            tgt_sides = []
-            for i, (img, out, ref) in enumerate(zip(test_images, tgt_out, ref_sides)):
-                with _replaying(tgt_reuse, i):
-                    tgt_sides.append(_target_side(tgt_model, img.x, out, ref))
-                ticks.tick(i)
-        timings["coding"] = time.perf_counter() - t
-        reused = [r for r in (ref_reuse, tgt_reuse) if r is not None]
-        if reused and (count := sum(r.reused for r in reused)):
-            report.notes.append(
-                f"coding reused the forward's analysis/synthesis results for {count} of "
-                f"{count + sum(r.computed for r in reused)} transform calls (inputs identical bit for bit)")
-        table = _slice_gaussian(tgt_model.latent_codec.y.latent_codec["y0"]).scale_table
-        if "T2" in wanted and view is not None and not view.observable:
-            report.tiers.append(TierResult("T2", "entropy coding", skipped=(
-                f"the coded decisions of {type(tgt_model).__name__} cannot be observed ({view.missing})")))
-        elif "T2" in wanted:
-            groups = getattr(tgt_model.latent_codec.y, "groups", None)  # slice widths (may be uneven)
-            slices = [int(g) for g in groups] if groups is not None else detection.variables.get("K", 5)
-            report.tiers.append(tier2(test_images, ref_sides, tgt_sides, slices, table, tol))
-            if not isinstance(reference, _AuthorsCode):
-                report.tiers[-1].checks.insert(0, tables)
-        if "T3" in wanted:
-            say("T3: rate-distortion")
-            labels = (f"{detection.family}-upstream", f"{detection.family}-compressai")
-            tier, eval_json = tier3(test_images, ref_sides, tgt_sides, labels, tol)
-            report.tiers.append(tier)
-            report.eval_model = eval_json
+            tgt_out = []
+            for i, img in enumerate(test_images):
+                with _recording(tgt_reuse, i):
+                    tgt_out.append(_forward(tgt_model, img.x, True))
+                if not coding:
+                    ticks.tick(i)
+        if not coding:
+            ticks.finish()  # forward passes run all at once (on a device, in the authors' process)
+        timings["forward"] = time.perf_counter() - t
+        if "T1" in wanted:
+            report.tiers.append(tier1(test_images, *(on_device or (ref_out, tgt_out)), tol))
+            if view is not None:
+                _installed_forward_rows(report, report.tiers[-1], view, test_images, ref_out, tgt_out, tol, detection)
+        if coding:
+            say("T2: entropy coding")
+            t = time.perf_counter()
+            tgt_model.update(force=True)
+            if isinstance(reference, _AuthorsCode):
+                ref_sides = authors_sides
+            else:
+                stored = _entropy_tables(reference)
+                reference.update(force=True)
+                tables = entropy_tables_check(stored, _entropy_tables(reference))
+                ref_sides = []
+                for i, (img, out) in enumerate(zip(test_images, ref_out)):
+                    with _replaying(ref_reuse, i):
+                        ref_sides.append(_reference_side(reference, img.x, out))
+            if view is not None:
+                # master's decompress never clamps; it is held to the reference's convention: clamped to
+                # [0, 1] where the authors' decompress clamps (then every decoded value lies inside)
+                clamp = all(bool(((s.decoded >= 0) & (s.decoded <= 1)).all()) for s in ref_sides)
+                tgt_sides = []
+                for i, (img, out) in enumerate(zip(test_images, tgt_out)):
+                    with _replaying(tgt_reuse, i):
+                        tgt_sides.append(_installed_side(view, img.x, out, clamp))
+                    ticks.tick(i)
+            else:
+                tgt_sides = []
+                for i, (img, out, ref) in enumerate(zip(test_images, tgt_out, ref_sides)):
+                    with _replaying(tgt_reuse, i):
+                        tgt_sides.append(_target_side(tgt_model, img.x, out, ref))
+                    ticks.tick(i)
+            timings["coding"] = time.perf_counter() - t
+            reused = [r for r in (ref_reuse, tgt_reuse) if r is not None]
+            if reused and (count := sum(r.reused for r in reused)):
+                report.notes.append(
+                    f"coding reused the forward's analysis/synthesis results for {count} of "
+                    f"{count + sum(r.computed for r in reused)} transform calls (inputs identical bit for bit)")
+            table = _slice_gaussian(tgt_model.latent_codec.y.latent_codec["y0"]).scale_table
+            if "T2" in wanted and view is not None and not view.observable:
+                report.tiers.append(TierResult("T2", "entropy coding", skipped=(
+                    f"the coded decisions of {type(tgt_model).__name__} cannot be observed ({view.missing})")))
+            elif "T2" in wanted:
+                groups = getattr(tgt_model.latent_codec.y, "groups", None)  # slice widths (may be uneven)
+                slices = [int(g) for g in groups] if groups is not None else detection.variables.get("K", 5)
+                report.tiers.append(tier2(test_images, ref_sides, tgt_sides, slices, table, tol))
+                if not isinstance(reference, _AuthorsCode):
+                    report.tiers[-1].checks.insert(0, tables)
+            if "T3" in wanted:
+                say("T3: rate-distortion")
+                labels = (f"{detection.family}-upstream", f"{detection.family}-compressai")
+                tier, eval_json = tier3(test_images, ref_sides, tgt_sides, labels, tol)
+                report.tiers.append(tier)
+                report.eval_model = eval_json
     if save_outputs is not None:
         _save_outputs(Path(save_outputs), ref_out, tgt_out, ref_sides, tgt_sides)
 

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["TransformReuse", "TRANSFORMS"]
+__all__ = ["TransformReuse", "TRANSFORMS", "entry_points", "patched"]
 
 #: the transforms offered to the coding path: the model's method where it has one (it may run an
 #: auxiliary branch beside the submodule), else the submodule itself
@@ -46,7 +46,7 @@ def _one_tensor(args, kwargs) -> bool:
     return len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
 
 
-def _entry_points(model: torch.nn.Module) -> Iterator[tuple[str, object, str]]:
+def entry_points(model: torch.nn.Module) -> Iterator[tuple[str, object, str]]:
     """``(transform, owner, attribute)``: where each transform is called on ``model``."""
     for method, module_name in TRANSFORMS:
         if callable(getattr(type(model), method, None)):
@@ -59,7 +59,7 @@ class TransformReuse:
     """Per image, the forward's analysis and synthesis calls of one model, offered back to its coding path."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self._entries = list(_entry_points(model))
+        self._entries = list(entry_points(model))
         self._records: dict[tuple[int, str], list[_Record]] = {}
         self.reused = 0  # calls answered from a record
         self.computed = 0  # calls of the coding path that ran the transform
@@ -106,13 +106,26 @@ class TransformReuse:
         for name, _, _ in self._entries:
             self._records.pop((image, name), None)
 
-    @contextmanager
-    def _patched(self, wrap) -> Iterator[None]:
-        for name, owner, attribute in self._entries:
-            compute = getattr(type(owner), attribute).__get__(owner)
-            owner.__dict__[attribute] = wrap(name, compute)
-        try:
-            yield
-        finally:
-            for _, owner, attribute in self._entries:
+    def _patched(self, wrap):
+        return patched(self._entries, wrap)
+
+
+@contextmanager
+def patched(entries, wrap) -> Iterator[None]:
+    """Replace each entry point's call by ``wrap(transform, compute)`` while inside.  ``compute`` is what
+    the call was before (an outer replacement, e.g. running on a device, or the class's own function);
+    it is put back on the way out."""
+    before = []
+    for name, owner, attribute in entries:
+        previous = owner.__dict__.get(attribute)
+        before.append((owner, attribute, previous))
+        compute = previous if previous is not None else getattr(type(owner), attribute).__get__(owner)
+        owner.__dict__[attribute] = wrap(name, compute)
+    try:
+        yield
+    finally:
+        for owner, attribute, previous in reversed(before):
+            if previous is None:
                 owner.__dict__.pop(attribute, None)
+            else:
+                owner.__dict__[attribute] = previous
