@@ -40,7 +40,7 @@ import numpy as np
 
 from . import dtypes, torch_zip
 from .errors import CheckpointError
-from .integrity import SourceScan, source_scan
+from .integrity import SourceScan, is_zip, source_scan
 from .ops import Spec
 from .torch_zip import TensorRecord
 
@@ -195,8 +195,8 @@ def _check_path(path: Path) -> None:
 
 def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) -> tuple[Any, str, bool]:
     """torch.load the file; returns (object, file format, whether its tensors are meta tensors)."""
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip:
+    zipped = is_zip(path)
+    if not zipped:
         with open(path, "rb") as fh:
             head = fh.read(4)
         if head[:2] == b"PK":
@@ -205,7 +205,7 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
             raise CheckpointError(
                 f"{path}: not a PyTorch checkpoint (neither torch's zip format nor a pickle); check the file"
             )
-    file_format = "torch-zip" if is_zip else "torch-legacy"
+    file_format = "torch-zip" if zipped else "torch-legacy"
     import torch  # only now: the checks above answer without it
 
     if trust_pickle:
@@ -214,7 +214,7 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
             stacklevel=3,
         )
     try:
-        mappable = is_zip and _offsets_usable(path)  # torch cannot map compressed records
+        mappable = zipped and _offsets_usable(path)  # torch cannot map compressed records
         meta = lazy and mappable and not trust_pickle
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's own chatter about pickle protocols is not for users
@@ -232,7 +232,7 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
     except CheckpointError:
         raise
     except Exception as exc:  # torch raises many types for bad input; translate them all
-        failure = _describe_load_failure(path, exc, is_zip)
+        failure = _describe_load_failure(path, exc, zipped)
     scan.result()  # a damaged record explains a failed load better than torch's message does
     raise CheckpointError(failure)
 
@@ -279,8 +279,12 @@ def unsafe_globals(path: Path, limit: int = 5) -> list[str]:
     import pickletools
 
     streams = []
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
+    if is_zip(path):
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError):
+            return []  # an archive Python cannot open: no names to report from it
+        with zf:
             for name in (n for n in zf.namelist() if n.endswith(".pkl")):
                 try:
                     with zf.open(name) as member:
@@ -472,7 +476,7 @@ def read_checkpoint(
             if locations is not None:
                 locate = lambda key, original, value: locations[original]  # noqa: E731
         else:
-            if not trust_pickle and zipfile.is_zipfile(path):
+            if not trust_pickle and is_zip(path):
                 structure = torch_zip.read_structure(path)
             if structure is not None:
                 obj, places = structure

@@ -88,9 +88,18 @@ def _identity(path: Path) -> tuple:
     return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def is_zip(path: str | os.PathLike) -> bool:
+    """Whether ``path`` ends like a zip archive; True also where Python's zipfile finds such an end and
+    cannot follow it (a multi-disk record): the file is then a broken archive, not another format."""
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:
+        return True
+
+
 def _scan(path: Path) -> str:
     ranges: list[tuple[int, int, zipfile.ZipInfo]] = []
-    if zipfile.is_zipfile(path):
+    if is_zip(path):
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
             if any(info.compress_type != zipfile.ZIP_STORED for info in infos):

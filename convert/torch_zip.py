@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import struct
 import sys
 import zipfile
@@ -238,6 +239,8 @@ def _open_archive(path: Path) -> _Archive | None:
                 return None
             if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
                 return None  # torch reads such a file into memory, checking each record's size itself
+            if _directory_oddity(path, infos, prefix) is not None:
+                return None  # torch's zip reader may refuse it, or read it otherwise: torch decides
             if _shifted(archive):
                 return None  # bytes before the archive: offsets in the directory are not the file's
             try:  # every record's local header, before any record is read (CheckpointError: a broken archive)
@@ -250,7 +253,8 @@ def _open_archive(path: Path) -> _Archive | None:
             version_info = names.get(prefix + ".format_version")
             computed = version_info is not None and archive.read(version_info) >= b"1"
             data = archive.read(pickle_info)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError):
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError,
+            RuntimeError):  # RuntimeError: zipfile's word for a record it cannot read without a password
         return None
     start = prefix + "data/"
     records = {info.filename[len(start):]: (lo, hi - lo) for lo, hi, info in ranges if info.filename.startswith(start)}
@@ -279,6 +283,85 @@ def _refuse_overlaps(path: Path, infos, ranges, end_of_records: int) -> None:
         raise _refusal(path, f"the zip record {spans[-1][2]!r} runs into the archive's directory")
 
 
+#: general-purpose flags of a record that torch's zip reader does not read as plain stored bytes:
+#: encrypted (bit 0), strongly encrypted (bit 6), local header masked (bit 13)
+_UNREAD_FLAGS = 0x0001 | 0x0040 | 0x2000
+_END = struct.Struct("<4sHHHHIIH")  # end of central directory
+_END64_LOCATOR = struct.Struct("<4sIQI")
+_END64 = struct.Struct("<4sQHHIIQQQQ")
+_CENTRAL = struct.Struct("<4s24xHHH12x")  # a directory record's fixed part (46 bytes): its three lengths
+
+
+def _directory_oddity(path: Path, infos: list[zipfile.ZipInfo], prefix: str) -> str | None:
+    """What in the archive's directory ``torch.save`` never writes and torch's zip reader might refuse
+    or read otherwise (None: nothing).  Python's zipfile takes all of these in its stride."""
+    for info in infos:
+        if info.flag_bits & _UNREAD_FLAGS:
+            return f"record {info.filename!r} is encrypted"
+        if info.is_dir() or info.external_attr & 0x10:
+            # zip readers take it as a folder: torch then gives whatever its buffer held as the tensor data
+            raise _refusal(path, f"the zip record {info.filename!r} is marked as a folder")
+        if info.file_size != info.compress_size:
+            return f"record {info.filename!r} has two sizes"
+        if not info.filename.startswith(prefix):
+            return f"record {info.filename!r} is outside the folder {prefix!r}"
+        if info.volume != 0:
+            return f"record {info.filename!r} is on another disk"
+        raw = _raw_name(info)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"record name {raw!r} is not UTF-8"
+    return _end_oddity(path, len(infos))
+
+
+def _raw_name(info: zipfile.ZipInfo) -> bytes:
+    return info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+
+
+def _end_oddity(path: Path, entries: int) -> str | None:
+    """Why the archive's end records and directory are not the single-disk ones Python's zipfile read
+    as ``entries`` records (None: they are).  zipfile ignores disk numbers and stops reading the
+    directory where its stated size ends, even inside a record; torch's reader refuses both."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        tail_start = max(0, size - (_END.size + 0xFFFF + _END64_LOCATOR.size))
+        fh.seek(tail_start)
+        tail = fh.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + _END.size > len(tail):
+            return "no end record"
+        _, disk, disk_of_directory, here, total, directory_size, directory_start, _ = _END.unpack_from(tail, at)
+        if disk or disk_of_directory or here != total:
+            return "the end record describes several disks"
+        locator = at - _END64_LOCATOR.size
+        if locator >= 0 and tail[locator: locator + 4] == b"PK\x06\x07":
+            _, disk_of_end64, end64_offset, disks = _END64_LOCATOR.unpack_from(tail, locator)
+            if disk_of_end64 or disks != 1:
+                return "the zip64 locator describes several disks"
+            fh.seek(end64_offset)
+            end64 = fh.read(_END64.size)
+            if len(end64) < _END64.size or end64[:4] != b"PK\x06\x06":
+                return "no zip64 end record where its locator points"
+            _, _, _, _, disk, disk_of_directory, here, total, directory_size, directory_start = _END64.unpack(end64)
+            if disk or disk_of_directory or here != total:
+                return "the zip64 end record describes several disks"
+        if total != entries or directory_size > size:
+            return f"the end record counts {total} records, the directory read holds {entries}"
+        fh.seek(directory_start)
+        directory = fh.read(directory_size)
+    at = count = 0
+    while at < len(directory):  # each record's header and the lengths it states must fit the directory
+        if directory[at: at + 4] != b"PK\x01\x02" or at + _CENTRAL.size > len(directory):
+            return f"directory record {count} is not where the one before it ends"
+        names, extras, comments = _CENTRAL.unpack_from(directory, at)[-3:]
+        at += _CENTRAL.size + names + extras + comments
+        count += 1
+    if at != len(directory) or count != entries:
+        return f"the directory's records ({count}) do not fill its {len(directory)} bytes"
+    return None
+
+
 def _shifted(archive: zipfile.ZipFile) -> bool:
     """Whether the archive sits behind other bytes (Python's zipfile allows that, torch's reader does not)."""
     first = min((info.header_offset for info in archive.infolist()), default=0)
@@ -296,6 +379,12 @@ def _unusual_records(archive: zipfile.ZipFile, prefix: str, names: dict[str, zip
     text = archive.read(version)
     if not (text.rstrip(b"\n").isdigit() and text.count(b"\n") <= 1 and int(text) in READ_VERSIONS):
         return f"archive version {text[:16]!r}"
+    serialization_id = names.get(prefix + ".data/serialization_id")
+    if serialization_id is not None:
+        try:  # torch hands it to Python as text once the pickle is read
+            archive.read(serialization_id).decode("utf-8")
+        except UnicodeDecodeError:
+            return "a serialization id that is not UTF-8"
     for extra in (".format_version", ".storage_alignment"):
         info = names.get(prefix + extra)
         if info is not None:

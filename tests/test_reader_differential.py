@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import zipfile
 from collections import Counter, OrderedDict
 from datetime import timedelta
 from pathlib import Path
@@ -347,6 +348,50 @@ def test_combined_alterations_read_like_torch_or_are_refused(data):
     kinds = data.draw(st.lists(st.sampled_from(KINDS[1:]), min_size=1, max_size=3), label="alterations")
     with tempfile.TemporaryDirectory() as tmp:
         check_against_torch(build(data.draw, Path(tmp), container, kinds), event)
+
+
+# --------------------------------------------------------------------------- the archive's directory, byte by byte
+
+
+def _small_archive(directory: Path) -> Path:
+    storage = Storage(np.arange(16, dtype=np.float32).tobytes(), torch.float32)
+    return write_zip(directory / "small.pt", {"state_dict": OrderedDict(
+        a=Tensor(storage, 0, (4, 4), (4, 1)), b=Tensor(Storage(storage.data[:32], torch.float32), 0, (8,), (1,)))})
+
+
+def test_every_byte_of_the_directory_altered_reads_like_torch_or_is_refused(tmp_path):
+    """Each byte of the zip directory and end records, changed in its low bit, its high bit and all its
+    bits: torch's zip reader and Python's differ on disk numbers, record counts, stated lengths,
+    encryption, folder marks and names outside the archive's folder.  A sweep of the whole file found
+    these; the directory is where they live, so it is swept in every run."""
+    path = _small_archive(tmp_path)
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        start = archive.start_dir
+    seen = Counter()
+    altered = tmp_path / "altered.pt"
+    for at in range(start, len(raw)):
+        for change in (0x01, 0x80, 0xFF):
+            altered.write_bytes(raw[:at] + bytes([raw[at] ^ change]) + raw[at + 1:])
+            found = check_against_torch(altered)
+            seen[_kind(found["lazy"])] += 1
+    assert seen["refuses"] and seen["yields"], seen  # both outcomes occur: the sweep is not vacuous
+
+
+def test_a_serialization_id_torch_cannot_read_as_text_is_not_read(tmp_path):
+    """torch hands ``.data/serialization_id`` to Python as text after unpickling, and fails on other bytes."""
+    small = _small_archive(tmp_path)
+    raw = bytearray(small.read_bytes())
+    with zipfile.ZipFile(small) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(".data/serialization_id"))
+    names, extras = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    raw[info.header_offset + 30 + names + extras] = 0xB0  # not the first byte of any UTF-8 character
+    path = tmp_path / "id.pt"
+    path.write_bytes(bytes(raw))
+    assert isinstance(torch_verdict(path), Exception)
+    found = check_against_torch(path)
+    assert found["reader"] != "yield" and isinstance(found["lazy"], CheckpointError), found
 
 
 # --------------------------------------------------------------------------- a real configuration
