@@ -228,6 +228,11 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
                 del obj
                 obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
                 meta = False
+            elif meta and not _same_layout(obj, torch.load(path, map_location="cpu", weights_only=True, mmap=True)):
+                # the meta device builds some tensors other than the CPU would (or where it would refuse):
+                # the mapped CPU reading above raised in the second case; in the first, read as torch does
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+                meta = False
         return obj, file_format, meta
     except CheckpointError:
         raise
@@ -235,6 +240,24 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
         failure = _describe_load_failure(path, exc, zipped)
     scan.result()  # a damaged record explains a failed load better than torch's message does
     raise CheckpointError(failure)
+
+
+def _same_layout(meta, cpu) -> bool:
+    """Whether two loads of one file hold the same containers, and tensors of the same dtype, shape,
+    strides and storage offset (what the meta device gives is compared with what the CPU gives)."""
+    import torch
+
+    if isinstance(meta, torch.Tensor) or isinstance(cpu, torch.Tensor):
+        return (isinstance(meta, torch.Tensor) and isinstance(cpu, torch.Tensor) and meta.dtype == cpu.dtype
+                and meta.shape == cpu.shape and meta.stride() == cpu.stride()
+                and meta.storage_offset() == cpu.storage_offset())
+    if isinstance(meta, dict):
+        return (isinstance(cpu, dict) and list(meta) == list(cpu)
+                and all(_same_layout(meta[k], cpu[k]) for k in meta))
+    if isinstance(meta, (list, tuple)):
+        return (isinstance(cpu, (list, tuple)) and len(meta) == len(cpu)
+                and all(_same_layout(a, b) for a, b in zip(meta, cpu)))
+    return True
 
 
 def _offsets_usable(path: Path) -> bool:

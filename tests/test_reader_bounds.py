@@ -589,6 +589,17 @@ def test_a_tensor_built_by_a_call_the_reader_does_not_know_is_checked_on_the_met
         assert source.read_tensor("w").tobytes() == tensor_bytes(torch_verdict(good)["state_dict"]["w"])
 
 
+def test_a_tensor_the_meta_device_builds_otherwise_is_read_as_the_cpu_reads_it(tmp_path):
+    """Found by a long differential run: ``_rebuild_tensor`` with a negative stride, which the CPU
+    refuses, comes back from the meta device with stride 1; the conversion took that tensor's bytes."""
+    tensor = Tensor(float_storage(n=2), 0, (2,), (-1,), rebuild=torch._utils._rebuild_tensor)
+    path = write_zip(tmp_path / "negative.pt", plain(tensor))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.load(path, map_location="meta", weights_only=True)["state_dict"]["w"].stride() == (1,)
+    assert_refused(path, "strides=[-1]", reader=False)
+
+
 @pytest.mark.parametrize("layout", ["python_zip", "records_swapped"])
 def test_where_torch_computes_offsets_they_are_checked_against_the_records(tmp_path, layout):
     """On the meta device torch computes each storage's offset from the sizes the pickle claims and
