@@ -294,7 +294,8 @@ _CENTRAL = struct.Struct("<4s24xHHH12x")  # a directory record's fixed part (46 
 
 def _directory_oddity(path: Path, infos: list[zipfile.ZipInfo], prefix: str) -> str | None:
     """What in the archive's directory ``torch.save`` never writes and torch's zip reader might refuse
-    or read otherwise (None: nothing).  Python's zipfile takes all of these in its stride."""
+    or read otherwise (None: nothing).  Python's zipfile takes all of these in its stride.  A record
+    marked as a folder is refused (a :class:`CheckpointError`)."""
     for info in infos:
         if info.flag_bits & _UNREAD_FLAGS:
             return f"record {info.filename!r} is encrypted"

@@ -60,6 +60,14 @@ def test_a_transform_runs_on_the_device_with_copies_of_its_weights():
     assert model.g_a.weight.device.type == "cpu" and model.g_a.calls == 1, "the module ran, its weights stayed"
 
 
+def test_weights_shared_by_two_layers_stay_shared_on_the_device():
+    model, x = _Toy(), torch.rand(1, 3, 4, 4)
+    model.g_a.twin = _Scale(1.0)
+    model.g_a.twin.weight = model.g_a.weight  # tied: one tensor under two names
+    call = device_mod.on_device(model.g_a, type(model.g_a).forward.__get__(model.g_a), META, back=META)
+    assert call(x).device == META  # functional_call refuses two different copies of a tied weight
+
+
 def test_the_meta_run_catches_a_tensor_a_transform_makes_on_the_cpu():
     model = _Toy(cpu_constant=True)
     call = device_mod.on_device(model.g_a, type(model.g_a).forward.__get__(model.g_a), META, back=META)

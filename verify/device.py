@@ -109,7 +109,14 @@ def _weights_on(owner: torch.nn.Module, device: torch.device) -> dict[str, torch
 
     skipped = tuple(f"{name}." for name, module in owner.named_modules() if name and isinstance(module, EntropyModel))
     named = itertools.chain(owner.named_parameters(remove_duplicate=False), owner.named_buffers(remove_duplicate=False))
-    return {f"owner.{name}": tensor.detach().to(device) for name, tensor in named if not name.startswith(skipped)}
+    copies: dict[int, torch.Tensor] = {}  # a tensor shared under several names (tied) is copied once
+    weights = {}
+    for name, tensor in named:
+        if not name.startswith(skipped):
+            if id(tensor) not in copies:
+                copies[id(tensor)] = tensor.detach().to(device)
+            weights[f"owner.{name}"] = copies[id(tensor)]
+    return weights
 
 
 def on_device(owner: torch.nn.Module, function, device: torch.device, *, back: torch.device | None = None,
