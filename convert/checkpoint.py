@@ -228,11 +228,6 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
                 del obj
                 obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
                 meta = False
-            elif meta and not _same_layout(obj, torch.load(path, map_location="cpu", weights_only=True, mmap=True)):
-                # the meta device builds some tensors other than the CPU would (or where it would refuse):
-                # the mapped CPU reading above raised in the second case; in the first, read as torch does
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-                meta = False
         return obj, file_format, meta
     except CheckpointError:
         raise
@@ -240,6 +235,26 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
         failure = _describe_load_failure(path, exc, zipped)
     scan.result()  # a damaged record explains a failed load better than torch's message does
     raise CheckpointError(failure)
+
+
+def _built_alike_on_cpu(path: Path, loaded, scan: SourceScan) -> bool:
+    """Whether the CPU builds the tensors of ``loaded`` (a meta-device load of ``path``) the same way.
+
+    The meta device builds some tensors otherwise (a negative stride the CPU refuses comes back as 1),
+    so the file is read again mapped on the CPU, which reads no tensor data; a file the CPU refuses
+    is refused here.
+    """
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            on_cpu = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch's refusal, translated as any other
+        failure = _describe_load_failure(path, exc, True)
+        scan.result()
+        raise CheckpointError(failure) from None
+    return _same_layout(loaded, on_cpu)
 
 
 def _same_layout(meta, cpu) -> bool:
@@ -490,6 +505,7 @@ def read_checkpoint(
     metadata: dict[str, str] = {}
     container_values: dict[str, Any] = {}
     locate = None  # (key, value) -> TensorLocation | None, for lazy reading
+    on_meta_device = None  # what torch.load(map_location="meta") gave, where the reader declined the file
     try:
         scan = source_scan(path)
         structure = None
@@ -512,6 +528,7 @@ def read_checkpoint(
             else:
                 obj, file_format, on_meta = _load_torch(path, trust_pickle, lazy, scan)
                 if on_meta:
+                    on_meta_device = obj
                     size = path.stat().st_size
                     locate = lambda key, original, value: _torch_location(path, key, value, size)  # noqa: E731
             state_dict, entry, ignored = _find_state_dict(obj, path)
@@ -550,6 +567,10 @@ def read_checkpoint(
         cleaned[key] = value
     if not cleaned:
         raise CheckpointError(f"{path}: the state dict is empty")
+    # every tensor passed its own checks against the records; the meta device must also have built
+    # them as the CPU does, or the file is read the ordinary way
+    if on_meta_device is not None and not _built_alike_on_cpu(path, on_meta_device, scan):
+        return read_checkpoint(path, trust_pickle=trust_pickle)
     try:
         source_file = open(path, "rb", buffering=0) if locate is not None else None
     except OSError as exc:
