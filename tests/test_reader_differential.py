@@ -6,8 +6,9 @@ demo checkpoint) are altered at the pickle, record and byte level: storage sizes
 tensor offsets, shapes, strides and ranks, requires_grad, calls the reader does not know, other
 pickle protocols, record sizes and names, records left out, listed twice or compressed, unusual
 archive records, pickle bytes replaced, deleted or inserted, a local header naming another record
-than the directory, and files truncated, flipped or shifted.  For every case, each way lic-convert and lic-verify read a file (``read_checkpoint``
-lazy and eager, and the reader's own structure) must either
+than the directory, and files truncated, flipped or shifted.  For every case, each way lic-convert
+and lic-verify read a file (``read_checkpoint`` lazy and eager, and the reader's own structure)
+must either
 
 - yield exactly the tensors ``torch.load(map_location="cpu", weights_only=True)`` yields (same keys,
   dtypes, shapes and bytes; the reader's whole container equal to torch's), or
@@ -23,7 +24,10 @@ the combined property; each alteration gets a fifteenth of it, the real checkpoi
 
     LIC_DIFFERENTIAL_EXAMPLES=3000 python -m pytest tests/test_reader_differential.py --hypothesis-show-statistics
 
-The three altered checkpoints of issue 17 are tested through ``lic-convert`` at the end.
+Deterministic sweeps run beside them: every byte of a small torch zip's directory and end records,
+and every byte of a small safetensors source (whose oracle is safetensors' own loader), each
+changed several ways.  The three altered checkpoints of issue 17 are tested through ``lic-convert``
+at the end.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lic_checkpoints.convert import dtypes, registry, torch_zip
+from lic_checkpoints.convert.checkpoint import read_checkpoint
 from lic_checkpoints.convert.cli import main
 from lic_checkpoints.convert.demo import demo_checkpoint
 from lic_checkpoints.convert.errors import CheckpointError
@@ -392,6 +397,58 @@ def test_a_serialization_id_torch_cannot_read_as_text_is_not_read(tmp_path):
     assert isinstance(torch_verdict(path), Exception)
     found = check_against_torch(path)
     assert found["reader"] != "yield" and isinstance(found["lazy"], CheckpointError), found
+
+
+# --------------------------------------------------------------------------- safetensors sources
+
+
+def _safetensors_outcome(path: Path):
+    """safetensors' own loader's tensors (key -> summary), or the exception it refuses the file with."""
+    from safetensors.torch import load_file
+
+    try:
+        return {k: summary(v) for k, v in load_file(str(path)).items()}
+    except Exception as exc:  # noqa: BLE001 - any refusal counts
+        return exc
+
+
+def _check_safetensors_source(path: Path) -> str:
+    """Both ways of reading ``path`` yield what safetensors' loader yields, or refuse it; returns what
+    the lazy way did ('refuses' or 'yields')."""
+    verdict = _safetensors_outcome(path)
+    kinds = []
+    for lazy in (True, False):
+        try:
+            with read_checkpoint(path, lazy=lazy) as source:
+                got = {k: summary(source.read_tensor(k), source.state_dict[k].dtype) if lazy and source.lazy
+                       else summary(v) for k, v in source.state_dict.items()}
+        except CheckpointError:
+            kinds.append("refuses")
+            continue
+        kinds.append("yields")
+        assert not isinstance(verdict, Exception), f"{'lazy' if lazy else 'eager'} reads what safetensors refuses"
+        assert got == verdict, "lazy" if lazy else "eager"
+    return kinds[0]
+
+
+def test_every_byte_of_a_safetensors_source_altered_reads_like_safetensors_or_is_refused(tmp_path):
+    """A safetensors source (lic-convert takes them too) is validated by ``safe_open`` before the
+    converter reads its header itself: each byte changed four ways must give safetensors' own tensors
+    or a refusal, never other tensors."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "source.safetensors"
+    save_file({"g_a.0.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+               "g_a.0.bias": torch.arange(5, dtype=torch.float16), "count": torch.tensor([1, 2])},
+              str(path), metadata={"format": "pt"})
+    raw = path.read_bytes()
+    altered = tmp_path / "altered.safetensors"
+    seen = Counter()
+    for at in range(len(raw)):
+        for change in (0x01, 0x20, 0x80, 0xFF):
+            altered.write_bytes(raw[:at] + bytes([raw[at] ^ change]) + raw[at + 1:])
+            seen[_check_safetensors_source(altered)] += 1
+    assert seen["refuses"] and seen["yields"], seen
 
 
 # --------------------------------------------------------------------------- a real configuration
