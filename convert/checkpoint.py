@@ -232,9 +232,15 @@ def _load_torch(path: Path, trust_pickle: bool, lazy: bool, scan: SourceScan) ->
     except CheckpointError:
         raise
     except Exception as exc:  # torch raises many types for bad input; translate them all
-        failure = _describe_load_failure(path, exc, zipped)
-    scan.result()  # a damaged record explains a failed load better than torch's message does
-    raise CheckpointError(failure)
+        raise _torch_refusal(path, exc, zipped, scan) from None
+
+
+def _torch_refusal(path: Path, exc: Exception, zipped: bool, scan: SourceScan) -> CheckpointError:
+    """torch's refusal of ``path`` in one line; a damaged record, found by the scan, explains a failed
+    load better than torch's message does, so the scan's own refusal is raised first if it has one."""
+    failure = _describe_load_failure(path, exc, zipped)
+    scan.result()
+    return CheckpointError(failure)
 
 
 def _built_alike_on_cpu(path: Path, loaded, scan: SourceScan) -> bool:
@@ -251,9 +257,7 @@ def _built_alike_on_cpu(path: Path, loaded, scan: SourceScan) -> bool:
             warnings.simplefilter("ignore")
             on_cpu = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch's refusal, translated as any other
-        failure = _describe_load_failure(path, exc, True)
-        scan.result()
-        raise CheckpointError(failure) from None
+        raise _torch_refusal(path, exc, True, scan) from None
     return _same_layout(loaded, on_cpu)
 
 

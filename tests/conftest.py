@@ -236,6 +236,18 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def one_image(tmp_path_factory):
+    """The first built-in test image, as a ``--images`` file (one image: the model tiers stay short)."""
+    from safetensors.torch import save_file
+
+    from lic_checkpoints.verify import images as images_mod
+
+    path = tmp_path_factory.mktemp("image") / "image.safetensors"
+    save_file({"x": images_mod.builtin(1)[0].x.contiguous()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
 def converted(checkpoints):
     """``converted(name)``: ``convert_in_memory`` of the golden checkpoint, one configuration at a time."""
     from lic_checkpoints.convert import api

@@ -16,12 +16,10 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 from conftest import checkpoint_bytes, upstream_checkpoint
 from lic_checkpoints.convert import engine, layouts, registry
 from lic_checkpoints.convert.cli import main as convert_main
-from lic_checkpoints.verify import images as images_mod
 from lic_checkpoints.verify.api import verify_checkpoint
 from lic_checkpoints.verify.builders import build_upstream
 
@@ -67,13 +65,6 @@ def _variant(conf: registry.Configuration, kind: str) -> dict:
         }
     checkpoint[entry] = state
     return checkpoint
-
-
-@pytest.fixture(scope="module")
-def one_image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("image") / "image.safetensors"
-    save_file({"x": images_mod.builtin(1)[0].x.contiguous()}, str(path))
-    return path
 
 
 @pytest.mark.parametrize(("conf", "kind", "tiers"), CASES, ids=lambda v: v.name if hasattr(v, "name") else

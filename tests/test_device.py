@@ -17,12 +17,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import CONFIGURATION_NAMES
 from lic_checkpoints.verify import api as verify_api
 from lic_checkpoints.verify import device as device_mod
-from lic_checkpoints.verify import images as images_mod
 from lic_checkpoints.verify.api import verify_checkpoint
 from lic_checkpoints.verify.reuse import TransformReuse, entry_points
 
@@ -89,13 +87,6 @@ def test_transforms_elsewhere_compose_with_reuse_and_leave_nothing_behind():
     assert torch.equal(recorded, expected) and torch.equal(replayed, expected)
     assert memo.reused == 2 and memo.computed == 0
     assert "forward" not in model.g_a.__dict__ and "forward" not in model.g_s.__dict__
-
-
-@pytest.fixture(scope="module")
-def one_image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("image") / "image.safetensors"
-    save_file({"x": images_mod.builtin(1)[0].x.contiguous()}, str(path))
-    return path
 
 
 @pytest.mark.parametrize("name", CONFIGURATION_NAMES)

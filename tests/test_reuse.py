@@ -11,11 +11,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import CONFIGURATION_NAMES
 from lic_checkpoints.verify import api as verify_api
-from lic_checkpoints.verify import images as images_mod
 from lic_checkpoints.verify import reuse
 from lic_checkpoints.verify.api import verify_checkpoint
 
@@ -94,13 +92,6 @@ def test_records_go_when_an_image_is_done():
     with memo.replaying(0):
         model.code(x)
     assert memo.reused == 0 and memo.computed == 2
-
-
-@pytest.fixture(scope="module")
-def one_image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("image") / "image.safetensors"
-    save_file({"x": images_mod.builtin(1)[0].x.contiguous()}, str(path))
-    return path
 
 
 class _NoReuse(reuse.TransformReuse):

@@ -48,13 +48,7 @@ def off_cpu(device: torch.device | str | None) -> bool:
 
 def to_cpu(value: Any) -> Any:
     """``value`` (tensors in nested dicts, lists, tuples) with every tensor on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_cpu(v) for v in value)
-    return value
+    return to_device(value, torch.device("cpu"))
 
 
 def forward_on(device: torch.device, reference, target, images, forward) -> tuple[list, list]:
@@ -80,9 +74,9 @@ def forward_on(device: torch.device, reference, target, images, forward) -> tupl
 
 
 def to_device(value: Any, device: torch.device) -> Any:
-    """``value`` (tensors in nested dicts, lists, tuples) with every tensor on ``device``."""
+    """``value`` (tensors in nested dicts, lists, tuples) with every tensor on ``device``, detached."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.detach().to(device)
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

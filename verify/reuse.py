@@ -77,7 +77,7 @@ class TransformReuse:
 
             return call
 
-        with self._patched(recorder):
+        with patched(self._entries, recorder):
             yield
 
     @contextmanager
@@ -98,16 +98,13 @@ class TransformReuse:
 
             return call
 
-        with self._patched(answerer):
+        with patched(self._entries, answerer):
             yield
 
     def forget(self, image: int) -> None:
         """Drop image ``image``'s records (its coding is done)."""
         for name, _, _ in self._entries:
             self._records.pop((image, name), None)
-
-    def _patched(self, wrap):
-        return patched(self._entries, wrap)
 
 
 @contextmanager
